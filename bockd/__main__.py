@@ -1,0 +1,5 @@
+import sys
+
+from bockd.cli import main
+
+sys.exit(main())

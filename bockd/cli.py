@@ -1,0 +1,191 @@
+"""The ``bockd`` command line: models, train, export, reproduce."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from bockd import __version__
+from bockd.config import DATASETS, PRESETS, build_config, load_config, parse_assignments
+from bockd.errors import BockdError
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from bockd.models import list_models, student_table
+
+    rows = {
+        name: student_table(
+            name, num_classes=args.num_classes, in_channels=args.in_channels, num_students=args.num_students
+        )
+        for name in list_models()
+    }
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    labels = [f"S{k + 1}" for k in range(args.num_students)]
+    print(f"{'architecture':<20} " + " ".join(f"{label:>20}" for label in labels))
+    for name, table in rows.items():
+        cells = [f"{r['params']:,} ({r['size_pct']:.2f}%)" for r in table]
+        print(f"{name:<20} " + " ".join(f"{c:>20}" for c in cells))
+    print(
+        f"\nparams of base + branch, adapters excluded; {args.num_classes} classes, "
+        f"{args.in_channels} input channel(s), {args.num_students} students"
+    )
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    over = parse_assignments(args.set or [])
+    if getattr(args, "epochs", None) is not None:
+        over["epochs"] = args.epochs
+    if getattr(args, "data_path", None) is not None:
+        over.setdefault("data", {})["path"] = args.data_path
+    if getattr(args, "progress", None) is not None:
+        over.setdefault("runtime", {})["progress"] = args.progress
+    return over
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from bockd.engine import train
+
+    over = _overrides(args)
+    if args.mode is not None:
+        over["mode"] = args.mode
+    if args.student is not None:
+        over["student"] = args.student - 1
+    if args.config:
+        config = load_config(args.config, {**({"preset": args.preset} if args.preset else {}), **over})
+    else:
+        config = build_config(args.preset, over)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    result = train(config, args.workdir)
+    print(json.dumps(result.summary(), indent=2))
+    print(f"weights, config and history in {args.workdir}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from bockd.export import export_student
+
+    index = None if args.student is None else args.student - 1
+    out = export_student(args.run, args.out, index, onnx=not args.no_onnx)
+    print(out)
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        count = int(text)
+    except ValueError:
+        raise BockdError(f"--seeds: expected a count (3) or a list (0,1,2), got {text!r}") from None
+    if count < 1:
+        raise BockdError(f"--seeds: expected at least 1 seed, got {count}")
+    return list(range(count))
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from bockd.reproduce import markdown_table, reproduce
+
+    summary = reproduce(
+        args.dataset,
+        args.arch,
+        args.preset,
+        args.out,
+        seeds=_parse_seeds(args.seeds),
+        epochs=args.epochs,
+        num_students=args.num_students,
+        data_path=args.data_path,
+        overrides=_overrides(args),
+        baselines=not args.no_baselines,
+    )
+    print(markdown_table(summary, summary["title"]))
+    print(
+        f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}, "
+        f"{Path(args.out) / 'accuracy_vs_params.png'}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bockd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bockd {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list architectures with each student's parameter count")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-students", type=int, default=5)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.set_defaults(func=_cmd_models)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
+        p.add_argument(
+            "--data-path", help="dataset file or folder (see docs); default: the dataset's default"
+        )
+        p.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="any config value, e.g. optim.lr=0.05"
+        )
+        p.add_argument("--progress", choices=["auto", "bar", "log", "off"])
+
+    p = sub.add_parser("train", help="train a BOC-KD ensemble or one baseline student")
+    p.add_argument("--config", help="YAML config (preset: plus overrides)")
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--mode", choices=["ensemble", "baseline"])
+    p.add_argument("--student", type=int, help="baseline mode: which student, 1-based (1 = S1)")
+    p.add_argument("--workdir", default="runs/train", help="checkpoints and outputs (resumes if present)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export one student: safetensors + config.json + ONNX")
+    p.add_argument("--run", required=True, help="a finished training run folder")
+    p.add_argument("--student", type=int, help="1-based student of an ensemble run (1 = S1)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--no-onnx", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("reproduce", help="ensemble + every baseline on one schedule; table and plot")
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    p.add_argument("--seeds", default="1", help="a count (3 = seeds 0,1,2) or a list (0,4,7)")
+    p.add_argument("--num-students", type=int, default=5)
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--out", default="runs/reproduce")
+    common(p)
+    p.set_defaults(func=_cmd_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except BockdError as err:
+        print(f"bockd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "bockd: interrupted; run the same command again to resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The training engine: one loop for the BOC-KD ensemble and for a single-student baseline.
+
+Speed by construction: the whole step stays on the device (loss terms and accuracy counts accumulate
+in device tensors and are read once per epoch), bf16 autocast and channels_last on CUDA, optional
+``torch.compile``. Exact resume: data order and augmentation depend only on (seed, epoch), and a
+checkpoint holds model, optimizer, scheduler and RNG states, written atomically every k epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bockd.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+    write_safetensors,
+)
+from bockd.config import TrainConfig
+from bockd.data import BatchLoader, ImageDataset, load_dataset, pad_for
+from bockd.errors import CheckpointError, ConfigError
+from bockd.losses import BOCKDLoss, LossOutput, baseline_loss
+from bockd.models import BranchedEnsemble, create_model
+
+log = logging.getLogger("bockd.train")
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model.json"
+HISTORY = "history.json"
+SUMMARY = "summary.json"
+
+
+class Callback(Protocol):
+    """Hooks the pipeline uses to forward metrics (MLflow, KFP). Every method is optional."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    workdir: Path
+    labels: list[str]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+    def best(self, label: str, split: str = "test") -> tuple[float, int]:
+        """Best top-1 of one student (or "ensemble") over epochs, and the 1-based epoch it came at."""
+        key = f"{split}/{label}/top1"
+        row = max(self.history, key=lambda h: h.get(key, -math.inf))
+        return row[key], int(row["epoch"])
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"epochs": len(self.history), "students": {}}
+        for label in [*self.labels, "ensemble"]:
+            if f"test/{label}/top1" not in self.final:
+                continue
+            best, best_epoch = self.best(label)
+            out["students"][label] = {
+                "final_top1": self.final[f"test/{label}/top1"],
+                "final_top5": self.final[f"test/{label}/top5"],
+                "best_top1": best,
+                "best_epoch": best_epoch,
+            }
+        return out
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device: {spec!r} was asked for but no CUDA device is available")
+    return device
+
+
+def load_training_data(config: TrainConfig) -> ImageDataset:
+    """The dataset named by ``config.data``, with the seeded validation split carved out if asked."""
+    data = config.data
+    dataset = load_dataset(
+        data.dataset, data.path, download=data.download, image_size=data.image_size, seed=config.seed
+    )
+    if data.val_fraction > 0:
+        dataset = dataset.with_validation_split(data.val_fraction, config.seed)
+    return dataset
+
+
+class Trainer:
+    """Trains ``config.mode`` ("ensemble" or "baseline") on ``dataset``, writing into ``workdir``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: ImageDataset,
+        workdir: str | Path,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.workdir = Path(workdir)
+        self.callbacks = list(callbacks)
+        self.device = resolve_device(config.runtime.device)
+        cuda = self.device.type == "cuda"
+        self.amp = config.runtime.amp == "bf16" or (config.runtime.amp == "auto" and cuda)
+        if self.amp and cuda and not torch.cuda.is_bf16_supported():
+            raise ConfigError("runtime.amp: bf16 was asked for but this GPU does not support it")
+        self.channels_last = config.runtime.channels_last == "on" or (
+            config.runtime.channels_last == "auto" and cuda
+        )
+        self.ensemble_mode = config.mode == "ensemble"
+        n = config.model.num_students
+
+        # Baselines start from the very weights their branch has in the seeded ensemble: same seed,
+        # same init, so the only difference from BOC-KD is the loss.
+        torch.manual_seed(config.seed)
+        ensemble = create_model(
+            config.model.arch,
+            num_classes=dataset.num_classes,
+            in_channels=dataset.in_channels,
+            num_students=n,
+        )
+        self.ensemble_spec = dict(ensemble.spec)
+        if self.ensemble_mode:
+            self.model: nn.Module = ensemble
+            self.labels = [f"s{k + 1}" for k in range(n)]
+        else:
+            self.model = ensemble.extract_student(config.student)
+            self.labels = [f"s{config.student + 1}"]
+        self.model.to(
+            self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format
+        )
+        self.forward = torch.compile(self.model) if config.runtime.compile else self.model
+
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda epoch: config.lr_at(epoch) / config.optim.lr
+        )
+        lc = config.loss
+        self.loss = BOCKDLoss(lc.ce_weight, lc.hint_weight, lc.kd_weight, lc.temperature, lc.kd_t_squared)
+
+        mean, std = dataset.mean_std()
+        self.mean, self.std = mean, std
+        image_size = dataset.image_shape[0]
+        common = {
+            "mean": mean,
+            "std": std,
+            "device": self.device,
+            "seed": config.seed,
+            "channels_last": self.channels_last,
+            "num_workers": config.runtime.num_workers,
+        }
+        self.train_loader = BatchLoader(
+            dataset.train,
+            batch_size=config.batch_size,
+            train=True,
+            pad=pad_for(image_size) if config.data.augment else 0,
+            flip=config.data.augment and config.data.flip,
+            **common,
+        )
+        self.eval_loaders = {
+            "test": BatchLoader(
+                dataset.test, batch_size=max(config.batch_size, 256), train=False, pad=0, flip=False, **common
+            )
+        }
+        if dataset.val is not None:
+            self.eval_loaders["val"] = BatchLoader(
+                dataset.val, batch_size=max(config.batch_size, 256), train=False, pad=0, flip=False, **common
+            )
+        self.history: list[dict[str, float]] = []
+        self.start_epoch = 0
+
+    # -- setup --------------------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.config.optim
+        params = list(self.model.parameters())  # adapters included: they are part of the ensemble
+        if o.name == "sgd":
+            return torch.optim.SGD(
+                params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+            )
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _identity(self) -> str:
+        return json.dumps(
+            {"config": self.config.training_identity(), "dataset": self.dataset.sha256()}, sort_keys=True
+        )
+
+    def save_checkpoint(self, epochs_done: int) -> None:
+        save_checkpoint(
+            self.workdir / CHECKPOINT,
+            {
+                "epoch": epochs_done,
+                "identity": self._identity(),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "history": json.dumps(self.history),
+            },
+        )
+
+    def _resume(self) -> None:
+        path = self.workdir / CHECKPOINT
+        if not path.exists():
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("identity") != self._identity():
+            raise CheckpointError(
+                f"{path} was written by a different config or dataset; use another workdir or delete it"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.history = json.loads(state["history"])
+        self.start_epoch = int(state["epoch"])
+        log.info("resumed from %s after epoch %d", path, self.start_epoch)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self, resume: bool = True) -> TrainResult:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        for cb in self.callbacks:
+            _call(cb, "on_train_start", self)
+        epochs = self.config.epochs
+        bar = self._progress_bar(epochs)
+        for epoch in range(self.start_epoch, epochs):
+            metrics = self._train_epoch(epoch, bar)
+            for split, loader in self.eval_loaders.items():
+                metrics.update(self.evaluate(loader, split))
+            self.history.append(metrics)
+            self._log_epoch(metrics, bar)
+            for cb in self.callbacks:
+                _call(cb, "on_epoch_end", self, metrics)
+            if (epoch + 1) % self.config.runtime.checkpoint_every == 0 or epoch + 1 == epochs:
+                self.save_checkpoint(epoch + 1)
+        if bar is not None:
+            bar.close()
+        result = TrainResult(self.workdir, self.labels, list(self.history))
+        self._write_outputs(result)
+        for cb in self.callbacks:
+            _call(cb, "on_train_end", self, result)
+        return result
+
+    def _train_epoch(self, epoch: int, bar: tqdm | None) -> dict[str, float]:
+        self.model.train()
+        n = len(self.labels)
+        terms = torch.zeros(3, n, device=self.device)  # ce / hint / kd, summed over samples
+        correct = torch.zeros(n, device=self.device)
+        seen = 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        for x, y in self.train_loader.epoch(epoch):
+            loss, logits = self._step(x, y)
+            with torch.no_grad():
+                b = y.shape[0]
+                terms += torch.stack([loss.ce, loss.hint, loss.kd]).detach() * b
+                correct += torch.stack([(z.argmax(1) == y).sum() for z in logits])
+            seen += y.shape[0]
+            if bar is not None:
+                bar.update(1)
+        terms, correct = (terms / seen).cpu(), (correct * 100.0 / seen).cpu()  # the one sync per epoch
+        seconds = time.perf_counter() - start
+        self.scheduler.step()
+        metrics: dict[str, float] = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "seconds": seconds,
+            "images_per_s": seen / seconds,
+        }
+        w = self.config.loss
+        total = (w.ce_weight * terms[0] + w.hint_weight * terms[1] + w.kd_weight * terms[2]).sum()
+        metrics["train/loss"] = float(terms[0].sum() if not self.ensemble_mode else total)
+        for k, label in enumerate(self.labels):
+            metrics[f"train/{label}/ce"] = float(terms[0, k])
+            if self.ensemble_mode:
+                metrics[f"train/{label}/hint"] = float(terms[1, k])
+                metrics[f"train/{label}/kd"] = float(terms[2, k])
+            metrics[f"train/{label}/top1"] = float(correct[k])
+        return metrics
+
+    def _step(self, x: Tensor, y: Tensor) -> tuple[LossOutput, list[Tensor]]:
+        with self._autocast():
+            if self.ensemble_mode:
+                out = self.forward(x)
+                model: BranchedEnsemble = self.model  # type: ignore[assignment]
+                adapted = [model.adapt(i, out.features[i]) for i in range(1, model.num_students)]
+                loss = self.loss(out.logits, y, out.features[0], adapted)
+                logits = out.logits
+            else:
+                z = self.forward(x)
+                loss, logits = baseline_loss(z, y), [z]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        self.optimizer.step()
+        return loss, logits
+
+    @torch.no_grad()
+    def evaluate(self, loader: BatchLoader, split: str = "test") -> dict[str, float]:
+        """Top-1 / top-5 (%) of every student and, in ensemble mode, of the mean-logit ensemble."""
+        self.model.eval()
+        labels = self.labels + (["ensemble"] if self.ensemble_mode else [])
+        k = min(5, self.dataset.num_classes)
+        hits = torch.zeros(len(labels), 2, device=self.device)
+        count = 0
+        for x, y in loader.epoch(0):
+            with self._autocast():
+                out = self.forward(x)
+            logits = [z.float() for z in (out.logits if self.ensemble_mode else [out])]
+            if self.ensemble_mode:
+                logits.append(torch.stack(logits).mean(0))
+            for i, z in enumerate(logits):
+                top = z.topk(k, dim=1).indices
+                hits[i, 0] += (top[:, 0] == y).sum()
+                hits[i, 1] += (top == y[:, None]).any(1).sum()
+            count += y.shape[0]
+        hits = (hits * 100.0 / max(count, 1)).cpu()
+        out_metrics: dict[str, float] = {}
+        for i, label in enumerate(labels):
+            out_metrics[f"{split}/{label}/top1"] = float(hits[i, 0])
+            out_metrics[f"{split}/{label}/top5"] = float(hits[i, 1])
+        return out_metrics
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def model_card(self) -> dict[str, Any]:
+        """What a reader needs to rebuild and use the trained weights, as JSON."""
+        h, w, c = self.dataset.image_shape
+        return {
+            "format": "bockd-train/1",
+            "mode": self.config.mode,
+            "student": self.config.student if not self.ensemble_mode else None,
+            "labels": self.labels,
+            "ensemble": self.ensemble_spec,
+            "classes": list(self.dataset.classes),
+            "dataset": {"name": self.dataset.name, "sha256": self.dataset.sha256()},
+            "input": {"height": h, "width": w, "channels": c, "mean": list(self.mean), "std": list(self.std)},
+            "config": self.config.to_dict(),
+        }
+
+    def _write_outputs(self, result: TrainResult) -> None:
+        write_safetensors(self.workdir / WEIGHTS, self.model.state_dict(), metadata={"format": "pt"})
+        write_json(self.workdir / MODEL_CONFIG, self.model_card())
+        write_json(self.workdir / HISTORY, result.history)
+        write_json(self.workdir / SUMMARY, result.summary())
+
+    # -- progress -----------------------------------------------------------------------------------
+    def _progress_bar(self, epochs: int) -> tqdm | None:
+        mode = self.config.runtime.progress
+        if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+            total = (epochs - self.start_epoch) * len(self.train_loader)
+            return tqdm(
+                total=total,
+                unit="batch",
+                desc=f"{self.config.mode} {self.config.model.arch}",
+                dynamic_ncols=True,
+                leave=False,
+            )
+        return None
+
+    def _log_epoch(self, m: dict[str, float], bar: tqdm | None) -> None:
+        if self.config.runtime.progress == "off":
+            return
+        accs = " ".join(f"{label}={m[f'test/{label}/top1']:.2f}" for label in self.labels)
+        ens = f" ens={m['test/ensemble/top1']:.2f}" if "test/ensemble/top1" in m else ""
+        line = (
+            f"[{self.config.mode}] epoch {int(m['epoch'])}/{self.config.epochs} lr={m['lr']:.4g} "
+            f"loss={m['train/loss']:.4f} test top-1 {accs}{ens} ({m['images_per_s']:.0f} img/s)"
+        )
+        if bar is not None:
+            bar.write(line)
+        else:
+            log.info(line)
+
+
+def _call(cb: Any, name: str, *args: Any) -> None:
+    method = getattr(cb, name, None)
+    if method is not None:
+        method(*args)
+
+
+def train(
+    config: TrainConfig,
+    workdir: str | Path,
+    callbacks: Iterable[Callback] = (),
+    dataset: ImageDataset | None = None,
+) -> TrainResult:
+    """Load the data named by ``config`` (unless given) and train; resumes from ``workdir`` if it can."""
+    dataset = dataset if dataset is not None else load_training_data(config)
+    return Trainer(config, dataset, workdir, list(callbacks)).fit()
