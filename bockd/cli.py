@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _parse_seeds(text: str) -> list[int]:
     try:
         if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+            if not seeds:
+                raise ValueError(text)
+            return seeds
         count = int(text)
     except ValueError:
         raise BockdError(f"--seeds: expected a count (3) or a list (0,1,2), got {text!r}") from None
@@ -179,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except BockdError as err:
         print(f"bockd: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `bockd models --json | head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit flush
+        return 0
     except KeyboardInterrupt:
         print(
             "bockd: interrupted; run the same command again to resume from the last checkpoint",

@@ -43,6 +43,9 @@ class DataConfig(_Strict):
     download: bool = False
     image_size: int | None = Field(None, ge=8, le=1024)
     val_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+    # Seeds the train/test split of datasets without an official one (digits, flat image folders) and
+    # the validation split. Separate from the training seed so every seed is scored on the same test set.
+    split_seed: int = Field(0, ge=0, lt=2**31)
     augment: bool = True
     flip: bool = True
 

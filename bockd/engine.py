@@ -98,10 +98,10 @@ def load_training_data(config: TrainConfig) -> ImageDataset:
     """The dataset named by ``config.data``, with the seeded validation split carved out if asked."""
     data = config.data
     dataset = load_dataset(
-        data.dataset, data.path, download=data.download, image_size=data.image_size, seed=config.seed
+        data.dataset, data.path, download=data.download, image_size=data.image_size, seed=data.split_seed
     )
     if data.val_fraction > 0:
-        dataset = dataset.with_validation_split(data.val_fraction, config.seed)
+        dataset = dataset.with_validation_split(data.val_fraction, data.split_seed)
     return dataset
 
 
@@ -188,6 +188,8 @@ class Trainer:
             )
         self.history: list[dict[str, float]] = []
         self.start_epoch = 0
+        self._sha256: str | None = None
+        self._identity_cache: str | None = None
 
     # -- setup --------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -204,9 +206,16 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _identity(self) -> str:
-        return json.dumps(
-            {"config": self.config.training_identity(), "dataset": self.dataset.sha256()}, sort_keys=True
-        )
+        if self._identity_cache is None:  # hashing CIFAR takes ~0.5 s: once per run, not per checkpoint
+            ident = {"config": self.config.training_identity(), "dataset": self.dataset_sha256}
+            self._identity_cache = json.dumps(ident, sort_keys=True)
+        return self._identity_cache
+
+    @property
+    def dataset_sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = self.dataset.sha256()
+        return self._sha256
 
     def save_checkpoint(self, epochs_done: int) -> None:
         save_checkpoint(
@@ -244,6 +253,11 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()
+        if self.start_epoch >= self.config.epochs and self._outputs_written():
+            # Finished before: same config and data (the resume checked). Nothing to train or rewrite,
+            # so a re-run leaves every file as it was and calls no callback.
+            log.info("%s already finished; nothing to do", self.workdir)
+            return TrainResult(self.workdir, self.labels, list(self.history))
         for cb in self.callbacks:
             _call(cb, "on_train_start", self)
         epochs = self.config.epochs
@@ -275,7 +289,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         for x, y in self.train_loader.epoch(epoch):
-            loss, logits = self._step(x, y)
+            loss, logits = self.train_step(x, y)
             with torch.no_grad():
                 b = y.shape[0]
                 terms += torch.stack([loss.ce, loss.hint, loss.kd]).detach() * b
@@ -303,7 +317,7 @@ class Trainer:
             metrics[f"train/{label}/top1"] = float(correct[k])
         return metrics
 
-    def _step(self, x: Tensor, y: Tensor) -> tuple[LossOutput, list[Tensor]]:
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[LossOutput, list[Tensor]]:
         with self._autocast():
             if self.ensemble_mode:
                 out = self.forward(x)
@@ -356,10 +370,13 @@ class Trainer:
             "labels": self.labels,
             "ensemble": self.ensemble_spec,
             "classes": list(self.dataset.classes),
-            "dataset": {"name": self.dataset.name, "sha256": self.dataset.sha256()},
+            "dataset": {"name": self.dataset.name, "sha256": self.dataset_sha256},
             "input": {"height": h, "width": w, "channels": c, "mean": list(self.mean), "std": list(self.std)},
             "config": self.config.to_dict(),
         }
+
+    def _outputs_written(self) -> bool:
+        return all((self.workdir / name).is_file() for name in (WEIGHTS, MODEL_CONFIG, HISTORY, SUMMARY))
 
     def _write_outputs(self, result: TrainResult) -> None:
         write_safetensors(self.workdir / WEIGHTS, self.model.state_dict(), metadata={"format": "pt"})

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from bockd.checkpoint import write_json, write_safetensors
+from bockd.checkpoint import current_umask, write_json, write_safetensors
 from bockd.engine import MODEL_CONFIG, WEIGHTS
 from bockd.errors import CheckpointError
 from bockd.models import Student, build_student, create_model, student_table
@@ -26,13 +26,39 @@ from bockd.models import Student, build_student, create_model, student_table
 STUDENT_FORMAT = "bockd-student/1"
 ONNX_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
+RUN_FORMAT = "bockd-train/1"  # the model.json card a training run writes
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read as JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_run_card(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / MODEL_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {MODEL_CONFIG}; is this a finished training run folder?")
-    return json.loads(path.read_text())
+    card = _read_json(path)
+    if card.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path}: format {card.get('format')!r} is not {RUN_FORMAT!r}")
+    return card
+
+
+def _load_weights(model: torch.nn.Module, weights: Path, what: str, device: str = "cpu") -> None:
+    """Load safetensors ``weights`` into ``model`` (strict); any failure is a CheckpointError naming it."""
+    try:
+        state = load_file(str(weights), device=device)
+    except Exception as err:  # missing, truncated or not safetensors at all: whatever safetensors raised
+        raise CheckpointError(f"{weights} cannot be read: {err}") from err
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights} does not match {what}: {err}") from err
 
 
 def student_from_run(run_dir: str | Path, index: int | None = None) -> tuple[Student, dict[str, Any]]:
@@ -41,11 +67,12 @@ def student_from_run(run_dir: str | Path, index: int | None = None) -> tuple[Stu
     card = read_run_card(run_dir)
     spec = card["ensemble"]
     n = spec["num_students"]
-    state = load_file(str(run_dir / WEIGHTS))
+    weights = run_dir / WEIGHTS
     if card["mode"] == "baseline":
         if index not in (None, card["student"]):
             raise CheckpointError(
-                f"student: {run_dir} is the baseline of S{card['student'] + 1}, not S{index + 1}"
+                f"student: {run_dir} is the baseline of S{card['student'] + 1} only, "
+                f"not {_student_label(index)}"
             )
         index = card["student"]
         student = build_student(
@@ -55,16 +82,36 @@ def student_from_run(run_dir: str | Path, index: int | None = None) -> tuple[Stu
             num_students=n,
             index=index,
         )
-        student.load_state_dict(state)
+        _load_weights(student, weights, f"the baseline S{index + 1} of {run_dir}")
     else:
-        if index is None or not 0 <= index < n:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
             raise CheckpointError(
-                f"student: expected an index in 0..{n - 1} for this {n}-student ensemble, got {index}"
+                f"student: {run_dir} is a {n}-student ensemble: expected one of S1..S{n} "
+                f"(0-based index 0..{n - 1}), got {_student_label(index)}"
             )
         ensemble = create_model(**spec)
-        ensemble.load_state_dict(state)
+        _load_weights(ensemble, weights, f"the {n}-student ensemble of {run_dir}")
         student = ensemble.extract_student(index)
     return student.eval(), card
+
+
+def _student_label(index: Any) -> str:
+    if isinstance(index, int) and not isinstance(index, bool):
+        return f"S{index + 1} (index {index})"
+    return "no student" if index is None else repr(index)
+
+
+def _is_replaceable(folder: Path) -> bool:
+    """Only an empty folder or an earlier exported student may be deleted to make way for an export."""
+    if not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    try:
+        read_student_config(folder)
+    except CheckpointError:
+        return False
+    return True
 
 
 def export_student(
@@ -101,8 +148,16 @@ def export_student(
         "dataset": card["dataset"],
     }
     out_dir = Path(out_dir)
+    # The old folder is deleted whole before the new one moves in: never let that be the run itself,
+    # a folder holding it, or any folder that is not an earlier export (``--out .`` must not wipe cwd).
+    if out_dir.exists() and not _is_replaceable(out_dir):
+        raise CheckpointError(
+            f"out: {out_dir} exists and is not an exported student folder; refusing to replace it "
+            "(choose a new or empty folder)"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a serving container reads this folder
     try:
         write_safetensors(tmp / "model.safetensors", student.state_dict(), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
@@ -138,7 +193,7 @@ def read_student_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_FILE}; expected an exported student folder")
-    config = json.loads(path.read_text())
+    config = _read_json(path)
     if config.get("format") != STUDENT_FORMAT:
         raise CheckpointError(f"{path}: format {config.get('format')!r} is not {STUDENT_FORMAT!r}")
     return config
@@ -147,6 +202,9 @@ def read_student_config(folder: str | Path) -> dict[str, Any]:
 def load_student(folder: str | Path, device: str | torch.device = "cpu") -> Student:
     """Rebuild an exported student from its config and safetensors weights (no pickle), in eval mode."""
     config = read_student_config(folder)
+    missing = [k for k in ("arch", "num_classes", "in_channels", "num_students", "index") if k not in config]
+    if missing:
+        raise CheckpointError(f"{Path(folder) / CONFIG_FILE}: lacks the field(s) {missing}")
     student = build_student(
         config["arch"],
         num_classes=config["num_classes"],
@@ -154,13 +212,6 @@ def load_student(folder: str | Path, device: str | torch.device = "cpu") -> Stud
         num_students=config["num_students"],
         index=config["index"],
     )
-    weights = Path(folder) / "model.safetensors"
-    try:
-        state = load_file(str(weights), device=str(device))
-    except Exception as err:
-        raise CheckpointError(f"{weights} cannot be read: {err}") from err
-    try:
-        student.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{weights} does not match {config['name']}: {err}") from err
+    name = config.get("name", f"{config['arch']}-s{config['index'] + 1}")
+    _load_weights(student, Path(folder) / "model.safetensors", name, device=str(device))
     return student.to(device).eval()

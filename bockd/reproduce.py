@@ -17,6 +17,7 @@ from typing import Any
 from bockd.checkpoint import atomic_write, write_json
 from bockd.config import TrainConfig, build_config
 from bockd.engine import Trainer, TrainResult, load_training_data
+from bockd.errors import ConfigError
 from bockd.models import student_table
 
 log = logging.getLogger("bockd.reproduce")
@@ -38,6 +39,11 @@ def reproduction_configs(
 
     Built in full before anything trains, so a bad value fails at once rather than after hours.
     """
+    seeds = list(seeds)
+    if not seeds:
+        raise ConfigError("seeds: expected at least one seed, got none")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: each seed may appear once, got {seeds}")
     runs: dict[int, dict[str, TrainConfig]] = {}
     for seed in seeds:
         base: dict[str, Any] = {
@@ -86,9 +92,10 @@ def summarize(results: dict[int, dict[str, TrainResult]], table: list[dict[str, 
             entry["baseline_best"] = _mean_std([b["best_top1"] for b in base])
             gains = [e["final_top1"] - b["final_top1"] for e, b in zip(ens, base, strict=True)]
             entry["gain_points"] = _mean_std(gains)
-            entry["gain_relative_pct"] = (
-                100.0 * entry["gain_points"]["mean"] / max(entry["baseline_final"]["mean"], 1e-9)
-            )
+            baseline_mean = entry["baseline_final"]["mean"]
+            # Relative to a baseline at 0 % accuracy is meaningless: leave it out rather than print 1e11 %.
+            if baseline_mean > 0:
+                entry["gain_relative_pct"] = 100.0 * entry["gain_points"]["mean"] / baseline_mean
             entry["gain_best_points"] = entry["bockd_best"]["mean"] - entry["baseline_best"]["mean"]
         students.append(entry)
     ensemble = [results[s]["ensemble"].summary()["students"]["ensemble"] for s in seeds]
@@ -209,12 +216,14 @@ def reproduce(
     )
     first = next(iter(configs.values()))["ensemble"]
     data = load_training_data(first)
+    data_sha256 = data.sha256()
     results: dict[int, dict[str, TrainResult]] = {}
     for seed, runs in configs.items():
         results[seed] = {}
         for name, config in runs.items():
+            workdir = out_dir / f"seed-{seed}" / name
             log.info("seed %d: %s (%d epochs)", seed, name, config.epochs)
-            results[seed][name] = Trainer(config, data, out_dir / f"seed-{seed}" / name).fit()
+            results[seed][name] = Trainer(config, data, workdir).fit()
 
     table = student_table(
         arch, num_classes=data.num_classes, in_channels=data.in_channels, num_students=num_students
@@ -224,7 +233,7 @@ def reproduce(
     summary.update(
         {
             "dataset": data.name,
-            "dataset_sha256": data.sha256(),
+            "dataset_sha256": data_sha256,
             "arch": arch,
             "preset": preset,
             "epochs": first.epochs,
