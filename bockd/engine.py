@@ -284,7 +284,7 @@ class Trainer:
         self.model.train()
         n = len(self.labels)
         terms = torch.zeros(3, n, device=self.device)  # ce / hint / kd, summed over samples
-        correct = torch.zeros(n, device=self.device)
+        correct = torch.zeros(n + 1, device=self.device)  # every student, then the mean-logit ensemble
         seen = 0
         lr = self.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
@@ -293,7 +293,8 @@ class Trainer:
             with torch.no_grad():
                 b = y.shape[0]
                 terms += torch.stack([loss.ce, loss.hint, loss.kd]).detach() * b
-                correct += torch.stack([(z.argmax(1) == y).sum() for z in logits])
+                ensemble_logits = torch.stack(logits).mean(0)
+                correct += torch.stack([(z.argmax(1) == y).sum() for z in [*logits, ensemble_logits]])
             seen += y.shape[0]
             if bar is not None:
                 bar.update(1)
@@ -315,6 +316,8 @@ class Trainer:
                 metrics[f"train/{label}/hint"] = float(terms[1, k])
                 metrics[f"train/{label}/kd"] = float(terms[2, k])
             metrics[f"train/{label}/top1"] = float(correct[k])
+        if self.ensemble_mode:
+            metrics["train/ensemble/top1"] = float(correct[n])
         return metrics
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[LossOutput, list[Tensor]]:

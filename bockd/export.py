@@ -39,14 +39,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_run_card(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / MODEL_CONFIG
+def _read_versioned_json(path: Path, fmt: str, what: str) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"{run_dir}: no {MODEL_CONFIG}; is this a finished training run folder?")
-    card = _read_json(path)
-    if card.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"{path}: format {card.get('format')!r} is not {RUN_FORMAT!r}")
-    return card
+        raise CheckpointError(f"{path.parent}: no {path.name}; expected {what}")
+    data = _read_json(path)
+    if data.get("format") != fmt:
+        raise CheckpointError(f"{path}: format {data.get('format')!r} is not {fmt!r}")
+    return data
+
+
+def read_run_card(run_dir: str | Path) -> dict[str, Any]:
+    return _read_versioned_json(Path(run_dir) / MODEL_CONFIG, RUN_FORMAT, "a finished training run folder")
 
 
 def _load_weights(model: torch.nn.Module, weights: Path, what: str, device: str = "cpu") -> None:
@@ -190,13 +193,7 @@ def export_onnx(student: Student, path: Path, input_shape: list[int]) -> None:
 
 
 def read_student_config(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {CONFIG_FILE}; expected an exported student folder")
-    config = _read_json(path)
-    if config.get("format") != STUDENT_FORMAT:
-        raise CheckpointError(f"{path}: format {config.get('format')!r} is not {STUDENT_FORMAT!r}")
-    return config
+    return _read_versioned_json(Path(folder) / CONFIG_FILE, STUDENT_FORMAT, "an exported student folder")
 
 
 def load_student(folder: str | Path, device: str | torch.device = "cpu") -> Student:

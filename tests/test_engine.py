@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -47,6 +48,7 @@ def test_ensemble_run_learns_and_reports_every_student(digits, tmp_path: Path) -
         assert 0 <= last[f"test/{label}/top5"] <= 100
         assert last[f"test/{label}/top5"] >= last[f"test/{label}/top1"]
     assert last["train/s1/hint"] == 0.0 and last["train/s2/hint"] > 0
+    assert 0 <= last["train/ensemble/top1"] <= 100
     # Three short epochs on digits: far above the 10 % of chance.
     assert last["test/ensemble/top1"] > 50
     assert result.history[0]["train/loss"] > last["train/loss"]
@@ -110,6 +112,14 @@ def test_callbacks_see_every_epoch(digits, tmp_path: Path) -> None:
 
     Trainer(_config(), digits, tmp_path, callbacks=[Recorder()]).fit()
     assert seen == ["start", "epoch1", "epoch2", "end"]
+
+
+def test_log_mode_writes_one_line_per_epoch(digits, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="bockd.train")
+    Trainer(_config(runtime={"progress": "log"}), digits, tmp_path).fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "bockd.train" and "epoch" in r.getMessage()]
+    assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
+    assert all("test top-1 s1=" in line and "ens=" in line for line in lines)
 
 
 def _train_cmd(workdir: Path) -> list[str]:
