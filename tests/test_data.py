@@ -36,7 +36,11 @@ from bockd.data import (
 )
 from bockd.errors import DataError
 
-REAL_CIFAR10 = Path("/work/shared/data/cifar10")
+# The project's shared data sits beside the checkout (../shared), as on CI; BOCKD_SHARED_DATA overrides.
+SHARED_DATA = Path(
+    os.environ.get("BOCKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+REAL_CIFAR10 = SHARED_DATA / "cifar10"
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
