@@ -1,4 +1,4 @@
-"""The ``bockd`` command line: models, train, export, reproduce."""
+"""The ``bockd`` command line: models, train, export, reproduce, services."""
 
 from __future__ import annotations
 
@@ -118,6 +118,29 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_services(args: argparse.Namespace) -> int:
+    from bockd import services
+
+    state = Path(args.state_dir)
+    if args.action == "up":
+        info = services.up(state, s3_port=args.s3_port, mlflow_port=args.mlflow_port, timeout=args.timeout)
+        print(f"S3 (SeaweedFS): {info.s3_endpoint}  bucket: {info.bucket}")
+        print(f"MLflow:         {info.mlflow_uri}")
+        print(f"credentials:    {state / 'credentials.env'} (mode 0600)")
+    elif args.action == "down":
+        services.down(state)
+        print(f"stopped; data kept in {state}")
+    else:
+        report = services.status(state)
+        for s in report.services:
+            state_word = "running" if s.running else "stopped"
+            health = " healthy" if s.healthy else (" UNHEALTHY" if s.running else "")
+            where = f"{s.endpoint or ''}  log={s.log or '-'}"
+            print(f"{s.name:<8} {state_word}{health}  pid={s.pid or '-'}  {where}")
+        return 0 if report.running else 3
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bockd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bockd {__version__}")
@@ -168,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/reproduce")
     common(p)
     p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("services", help="the embedded S3 (SeaweedFS) and MLflow servers on 127.0.0.1")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--state-dir", default=".bockd", help="data, logs, PIDs and credentials (default .bockd)")
+    p.add_argument("--s3-port", type=int, help="default: a free port")
+    p.add_argument("--mlflow-port", type=int, help="default: a free port")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health checks")
+    p.set_defaults(func=_cmd_services)
     return parser
 
 

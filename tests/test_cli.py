@@ -216,3 +216,23 @@ def test_reproduce_refuses_a_bad_value_before_any_compute(tmp_path: Path, capsys
     assert rc == 2
     assert "optim.lr" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_services_status_of_an_empty_state_folder_reports_stopped(tmp_path: Path, capsys) -> None:
+    rc = main(["services", "status", "--state-dir", str(tmp_path / "state")])
+    out = capsys.readouterr().out
+    assert rc == 3  # not running: scripts can test `bockd services status` directly
+    assert "seaweedfs" in out and "mlflow" in out and "stopped" in out
+
+
+def test_services_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path, capsys) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        rc = main(["services", "up", "--state-dir", str(tmp_path / "state"), "--s3-port", str(port)])
+    assert rc == 2
+    assert str(port) in capsys.readouterr().err
+    assert not (tmp_path / "state" / "services.json").exists()
