@@ -211,7 +211,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_validation_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "config"
@@ -239,7 +239,7 @@ def build_config(preset: str | None = None, overrides: dict[str, Any] | None = N
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
+        raise ConfigError(format_validation_errors(err)) from None
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, Any]:
