@@ -65,7 +65,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    result = train(config, args.workdir)
+    callbacks = []
+    if args.mlflow_uri:
+        from bockd.tracking import MlflowCallback  # mlflow is an optional dependency (the pipeline extra)
+
+        callbacks.append(
+            MlflowCallback(args.mlflow_uri, experiment=args.experiment, run_name=Path(args.workdir).name)
+        )
+    result = train(config, args.workdir, callbacks)
     print(json.dumps(result.summary(), indent=2))
     print(f"weights, config and history in {args.workdir}")
     return 0
@@ -171,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", type=int, help="baseline mode: which student, 1-based (1 = S1)")
     p.add_argument("--workdir", default="runs/train", help="checkpoints and outputs (resumes if present)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--mlflow-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="log params and per-epoch metrics to this MLflow server (default $MLFLOW_TRACKING_URI)",
+    )
+    p.add_argument("--experiment", default="bockd", help="MLflow experiment name")
     common(p)
     p.set_defaults(func=_cmd_train)
 
