@@ -1,0 +1,129 @@
+"""Exported students as MLflow registered model versions, and the ``@champion`` alias.
+
+A version's artifact is the exported student folder as an MLflow ONNX-flavour model: ``model.onnx``
+plus an ``MLmodel`` file with the input/output signature, with ``model.safetensors`` and
+``config.json`` beside them. Nothing is pickled. Registration is idempotent: a student already
+registered from the same MLflow run returns its existing version and creates nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow.onnx
+import numpy as np
+import onnx
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from bockd.export import CONFIG_FILE, ONNX_FILE, read_student_config
+
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class RegisteredStudent:
+    name: str
+    version: str
+    source: str
+    run_id: str
+    created: bool  # False when the version already existed (a re-run)
+
+
+def registered_model_name(prefix: str, dataset: str, arch: str, index: int) -> str:
+    """``{prefix}-{dataset}-{arch}-s{k}``, in the characters every registry backend accepts."""
+    raw = f"{prefix}-{dataset}-{arch}-s{index + 1}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", raw)
+
+
+def student_signature(config: dict) -> ModelSignature:
+    c, h, w = config["input_shape"]
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, w), "input")])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, config["num_classes"]), "logits")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def register_student(
+    client: MlflowClient,
+    run_id: str,
+    folder: str | Path,
+    *,
+    prefix: str,
+    dataset: str,
+    tags: dict[str, str] | None = None,
+) -> RegisteredStudent:
+    """Log ``folder`` (an exported student) into ``run_id`` and register it as a new model version."""
+    folder = Path(folder)
+    config = read_student_config(folder)
+    name = registered_model_name(prefix, dataset, config["arch"], config["index"])
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        v = existing[0]
+        return RegisteredStudent(name, str(v.version), v.source, run_id, created=False)
+
+    artifact_path = f"students/{config['student'].lower()}"
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        # pip_requirements given: MLflow would otherwise infer them by importing the model, which is slow.
+        mlflow.onnx.save_model(
+            onnx.load(str(folder / ONNX_FILE)),
+            str(model_dir),
+            signature=student_signature(config),
+            pip_requirements=["onnxruntime"],
+        )
+        for extra in ("model.safetensors", CONFIG_FILE):
+            shutil.copy2(folder / extra, model_dir / extra)
+        client.log_artifacts(run_id, str(model_dir), artifact_path)
+    try:
+        client.create_registered_model(
+            name, description=f"BOC-KD student {config['student']} of {config['arch']}"
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"runs:/{run_id}/{artifact_path}"
+    version_tags = {
+        "params": str(config["params"]),
+        "size_pct": str(config["size_pct"]),
+        "student": config["student"],
+        **(tags or {}),
+    }
+    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
+    return RegisteredStudent(name, str(mv.version), source, run_id, created=True)
+
+
+def promote_champion(
+    client: MlflowClient, name: str, version: str, *, top1: float, test_set: str, run_id: str
+) -> tuple[bool, str]:
+    """Move ``@champion`` to ``version`` only if it beats the current champion on the same test set.
+
+    ``test_set`` identifies the evaluation data (its sha256): accuracies on different test sets are not
+    comparable, so a champion scored elsewhere is never replaced automatically. Every move is recorded
+    as a version tag with the time and the run that made it.
+    """
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is not None:
+        if str(current.version) == str(version):
+            return False, f"version {version} is already {CHAMPION}"
+        if current.tags.get("test_set") != test_set:
+            return False, f"{CHAMPION} v{current.version} was scored on another test set; not compared"
+        best = float(current.tags.get("top1", "nan"))
+        if not top1 > best:
+            return False, f"top-1 {top1:.2f} % does not beat {CHAMPION} v{current.version} at {best:.2f} %"
+    client.set_model_version_tag(name, version, "top1", str(top1))
+    client.set_model_version_tag(name, version, "test_set", test_set)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    client.set_model_version_tag(name, version, f"alias.{CHAMPION}.set", f"{stamp} by run {run_id}")
+    previous = f" (was v{current.version})" if current is not None else " (first champion)"
+    return True, f"v{version} is now {CHAMPION} at {top1:.2f} %{previous}"

@@ -1,0 +1,92 @@
+"""Registering exported students in a real MLflow server (the embedded local stack) and moving @champion."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from bockd.export import export_student, read_student_config
+from bockd.model_registry import CHAMPION, promote_champion, register_student, registered_model_name
+from bockd.services import ServicesInfo, down, up
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicesInfo]:
+    state = tmp_path_factory.mktemp("services")
+    saved = dict(os.environ)
+    try:
+        info = up(state, timeout=90)
+        os.environ.update(info.env())  # the MLflow client reads S3 credentials from the environment
+        yield info
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        down(state)
+
+
+@pytest.fixture(scope="module")
+def exported(ensemble_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_student(ensemble_run, tmp_path_factory.mktemp("export") / "s2", index=1)
+
+
+def _run(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name("registry-test")
+    experiment_id = found.experiment_id if found else client.create_experiment("registry-test")
+    return client.create_run(experiment_id, run_name=name).info.run_id
+
+
+def test_model_name_is_sanitized() -> None:
+    assert registered_model_name("bockd", "fashion mnist", "resnet20", 0) == "bockd-fashion-mnist-resnet20-s1"
+
+
+def test_registration_is_idempotent_and_carries_the_exported_student(
+    stack: ServicesInfo, exported: Path, tmp_path: Path
+) -> None:
+    client = MlflowClient(stack.mlflow_uri)
+    run_id = _run(client, "train-1")
+    first = register_student(client, run_id, exported, prefix="t1", dataset="digits", tags={"top1": "90.0"})
+    again = register_student(client, run_id, exported, prefix="t1", dataset="digits", tags={"top1": "90.0"})
+    assert first.created and not again.created
+    assert (again.name, again.version) == (first.name, first.version) == ("t1-digits-resnet20-s2", "1")
+    assert len(client.search_model_versions(f"name = '{first.name}'")) == 1
+
+    version = client.get_model_version(first.name, first.version)
+    assert (
+        version.tags["params"] == str(read_student_config(exported)["params"])
+        and version.tags["student"] == "S2"
+        and version.tags["top1"] == "90.0"
+    )
+    local = Path(client.download_artifacts(run_id, "students/s2", str(tmp_path)))
+    assert {"model.onnx", "model.safetensors", "config.json", "MLmodel"} <= {p.name for p in local.iterdir()}
+    assert not list(local.glob("*.pkl")) and not list(local.glob("*.pt"))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert "onnx" in mlmodel["flavors"] and "signature" in mlmodel
+    assert '"input"' in mlmodel["signature"]["inputs"] and "[-1, 1, 8, 8]" in mlmodel["signature"]["inputs"]
+
+
+def test_champion_moves_only_on_a_strictly_better_score_on_the_same_test_set(
+    stack: ServicesInfo, exported: Path
+) -> None:
+    client = MlflowClient(stack.mlflow_uri)
+    versions = []
+    for i in range(4):
+        run_id = _run(client, f"train-{i}")
+        versions.append((register_student(client, run_id, exported, prefix="t2", dataset="digits"), run_id))
+    name = versions[0][0].name
+
+    moved, why = promote_champion(client, name, "1", top1=90.0, test_set="sha-a", run_id=versions[0][1])
+    assert moved and "first champion" in why
+    moved, why = promote_champion(client, name, "2", top1=90.0, test_set="sha-a", run_id=versions[1][1])
+    assert not moved and "does not beat" in why  # equal is not better
+    moved, why = promote_champion(client, name, "3", top1=91.5, test_set="sha-b", run_id=versions[2][1])
+    assert not moved and "another test set" in why
+    moved, why = promote_champion(client, name, "4", top1=91.5, test_set="sha-a", run_id=versions[3][1])
+    assert moved and "was v1" in why
+    assert client.get_model_version_by_alias(name, CHAMPION).version == "4"
+    record = client.get_model_version(name, "4").tags[f"alias.{CHAMPION}.set"]
+    assert versions[3][1] in record
