@@ -19,14 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from bockd.checkpoint import current_umask, write_json, write_safetensors
-from bockd.engine import MODEL_CONFIG, WEIGHTS
+from bockd.engine import MODEL_CONFIG, RUN_FORMAT, WEIGHTS
 from bockd.errors import CheckpointError
 from bockd.models import Student, build_student, create_model, student_table
 
 STUDENT_FORMAT = "bockd-student/1"
 ONNX_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
-RUN_FORMAT = "bockd-train/1"  # the model.json card a training run writes
 
 
 def _read_json(path: Path) -> dict[str, Any]:

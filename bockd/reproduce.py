@@ -216,14 +216,12 @@ def reproduce(
     )
     first = next(iter(configs.values()))["ensemble"]
     data = load_training_data(first)
-    data_sha256 = data.sha256()
     results: dict[int, dict[str, TrainResult]] = {}
     for seed, runs in configs.items():
         results[seed] = {}
         for name, config in runs.items():
-            workdir = out_dir / f"seed-{seed}" / name
             log.info("seed %d: %s (%d epochs)", seed, name, config.epochs)
-            results[seed][name] = Trainer(config, data, workdir).fit()
+            results[seed][name] = Trainer(config, data, out_dir / f"seed-{seed}" / name).fit()
 
     table = student_table(
         arch, num_classes=data.num_classes, in_channels=data.in_channels, num_students=num_students
@@ -233,7 +231,7 @@ def reproduce(
     summary.update(
         {
             "dataset": data.name,
-            "dataset_sha256": data_sha256,
+            "dataset_sha256": data.sha256(),
             "arch": arch,
             "preset": preset,
             "epochs": first.epochs,

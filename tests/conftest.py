@@ -11,6 +11,7 @@ to another busy process can make a one-second run take minutes. The suite runs i
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from bockd.config import build_config
 from bockd.data import ImageDataset, load_dataset
 from bockd.engine import Trainer
+from bockd.services import ServicesInfo, down, up
 
 NUM_STUDENTS = 3
 BASELINE_STUDENT = 1  # 0-based: the baseline run is S2's
@@ -70,3 +72,19 @@ def baseline_run(digits: ImageDataset, tmp_path_factory: pytest.TempPathFactory)
     with _torch_threads(1):
         Trainer(config, digits, workdir).fit()
     return workdir
+
+
+@pytest.fixture(scope="module")
+def mlflow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicesInfo]:
+    """The embedded S3 + MLflow servers for one test module, with their client variables in os.environ
+    (the MLflow client reads the S3 credentials from there); stopped and the environment restored after."""
+    state = tmp_path_factory.mktemp("services")
+    saved = dict(os.environ)
+    try:
+        info = up(state, timeout=90)
+        os.environ.update(info.env())
+        yield info
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        down(state)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,21 +10,7 @@ from mlflow import MlflowClient
 
 from bockd.export import export_student, read_student_config
 from bockd.model_registry import CHAMPION, promote_champion, register_student, registered_model_name
-from bockd.services import ServicesInfo, down, up
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicesInfo]:
-    state = tmp_path_factory.mktemp("services")
-    saved = dict(os.environ)
-    try:
-        info = up(state, timeout=90)
-        os.environ.update(info.env())  # the MLflow client reads S3 credentials from the environment
-        yield info
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        down(state)
+from bockd.services import ServicesInfo
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +29,9 @@ def test_model_name_is_sanitized() -> None:
 
 
 def test_registration_is_idempotent_and_carries_the_exported_student(
-    stack: ServicesInfo, exported: Path, tmp_path: Path
+    mlflow_stack: ServicesInfo, exported: Path, tmp_path: Path
 ) -> None:
-    client = MlflowClient(stack.mlflow_uri)
+    client = MlflowClient(mlflow_stack.mlflow_uri)
     run_id = _run(client, "train-1")
     first = register_student(client, run_id, exported, prefix="t1", dataset="digits", tags={"top1": "90.0"})
     again = register_student(client, run_id, exported, prefix="t1", dataset="digits", tags={"top1": "90.0"})
@@ -70,9 +54,9 @@ def test_registration_is_idempotent_and_carries_the_exported_student(
 
 
 def test_champion_moves_only_on_a_strictly_better_score_on_the_same_test_set(
-    stack: ServicesInfo, exported: Path
+    mlflow_stack: ServicesInfo, exported: Path
 ) -> None:
-    client = MlflowClient(stack.mlflow_uri)
+    client = MlflowClient(mlflow_stack.mlflow_uri)
     versions = []
     for i in range(4):
         run_id = _run(client, f"train-{i}")

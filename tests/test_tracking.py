@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,22 +10,8 @@ from mlflow import MlflowClient
 from bockd.config import build_config
 from bockd.data import ImageDataset
 from bockd.engine import Trainer
-from bockd.services import ServicesInfo, down, up
+from bockd.services import ServicesInfo
 from bockd.tracking import MlflowCallback, flatten
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicesInfo]:
-    state = tmp_path_factory.mktemp("services")
-    saved = dict(os.environ)
-    try:
-        info = up(state, timeout=90)
-        os.environ.update(info.env())  # the MLflow client reads S3 credentials from the environment
-        yield info
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        down(state)
 
 
 def test_flatten_nested_config() -> None:
@@ -39,17 +23,17 @@ def test_flatten_nested_config() -> None:
 
 
 def test_every_epoch_of_every_student_reaches_mlflow(
-    stack: ServicesInfo, digits: ImageDataset, tmp_path: Path
+    mlflow_stack: ServicesInfo, digits: ImageDataset, tmp_path: Path
 ) -> None:
     config = build_config(
         "smoke", {"epochs": 2, "batch_size": 64, "model": {"num_students": 3}, "runtime": {"progress": "off"}}
     )
     callback = MlflowCallback(
-        stack.mlflow_uri, experiment="tracking-test", run_name="tiny", tags={"kfp.run_id": "r1"}
+        mlflow_stack.mlflow_uri, experiment="tracking-test", run_name="tiny", tags={"kfp.run_id": "r1"}
     )
     result = Trainer(config, digits, tmp_path, callbacks=[callback]).fit()
 
-    client = MlflowClient(stack.mlflow_uri)
+    client = MlflowClient(mlflow_stack.mlflow_uri)
     run = client.get_run(callback.run_id)
     assert run.info.run_name == "tiny"
     assert run.data.params["model.num_students"] == "3" and run.data.params["optim.lr"] == "0.1"
@@ -64,7 +48,7 @@ def test_every_epoch_of_every_student_reaches_mlflow(
     assert "summary.json" in artifacts
 
 
-def test_cli_train_logs_to_mlflow(stack: ServicesInfo, tmp_path: Path) -> None:
+def test_cli_train_logs_to_mlflow(mlflow_stack: ServicesInfo, tmp_path: Path) -> None:
     from bockd.cli import main
 
     workdir = tmp_path / "cli-run"
@@ -80,9 +64,12 @@ def test_cli_train_logs_to_mlflow(stack: ServicesInfo, tmp_path: Path) -> None:
         "off",
     ]
     assert (
-        main([*args, "--workdir", str(workdir), "--mlflow-uri", stack.mlflow_uri, "--experiment", "cli"]) == 0
+        main(
+            [*args, "--workdir", str(workdir), "--mlflow-uri", mlflow_stack.mlflow_uri, "--experiment", "cli"]
+        )
+        == 0
     )
-    client = MlflowClient(stack.mlflow_uri)
+    client = MlflowClient(mlflow_stack.mlflow_uri)
     experiment = client.get_experiment_by_name("cli")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_name for r in runs] == ["cli-run"]
