@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on offline data: a BOC-KD ensemble of 5 ResNet-20 students and their 5 baselines
-# on scikit-learn's digits, then the comparison table and plot in runs/demo.
+# The main job on offline data: the whole Kubeflow pipeline under kfp.local against the embedded S3 and
+# MLflow servers (digits, smoke preset: 5 ResNet-20 students + 5 baselines), the selected student
+# served by a local KServe model server and asked one prediction, then the summary table.
 demo: $(STAMP)
-	$(BIN)/bockd reproduce --dataset digits --arch resnet20 --preset smoke --out runs/demo
+	$(BIN)/bockd pipeline run --local
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""The ``bockd`` command line: models, train, export, reproduce, services."""
+"""The ``bockd`` command line: models, train, export, reproduce, services, pipeline."""
 
 from __future__ import annotations
 
@@ -135,6 +135,10 @@ def _cmd_services(args: argparse.Namespace) -> int:
         print(f"MLflow:         {info.mlflow_uri}")
         print(f"credentials:    {state / 'credentials.env'} (mode 0600)")
     elif args.action == "down":
+        from bockd.serving.local import stop_all_local_servers
+
+        for name in stop_all_local_servers(state / "serving"):  # what `pipeline run --local` deployed
+            print(f"stopped model server {name}")
         services.down(state)
         print(f"stopped; data kept in {state}")
     else:
@@ -212,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-port", type=int, help="default: a free port")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health checks")
     p.set_defaults(func=_cmd_services)
+
+    from bockd.pipeline.cli import add_parser as add_pipeline_parser
+
+    add_pipeline_parser(sub)
     return parser
 
 

@@ -53,6 +53,7 @@ class Callback(Protocol):
 
     def on_train_start(self, trainer: Trainer) -> None: ...
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
 
 
@@ -270,6 +271,8 @@ class Trainer:
                 _call(cb, "on_epoch_end", self, metrics)
             if (epoch + 1) % self.config.runtime.checkpoint_every == 0 or epoch + 1 == epochs:
                 self.save_checkpoint(epoch + 1)
+                for cb in self.callbacks:
+                    _call(cb, "on_checkpoint", self, self.workdir / CHECKPOINT)
         if bar is not None:
             bar.close()
         result = TrainResult(self.workdir, self.labels, list(self.history))

@@ -7,7 +7,8 @@ A :class:`Policy` is a set of optional rules combined with AND. They are applied
 3. ``max_params``      parameter budget
 4. ``max_size_pct``    size budget (% of the whole ensemble)
 5. ``max_latency_ms``  latency budget; a student without a measured latency fails it
-6. ``beat_champion``   top-1 strictly greater than ``champion_top1`` (equal is not better)
+6. ``beat_champion``   top-1 strictly greater than the student's own @champion (``Candidate.champion_top1``,
+                       else ``Policy.champion_top1``); equal is not better
 7. ``pareto``          keep the Pareto front of (higher top-1, fewer params) among the survivors of 1-6
 8. ``best_only``       keep the single best survivor by top-1 (ties: fewer params, then lower index)
 
@@ -42,6 +43,7 @@ class Candidate:
     top1: float
     latency_ms: float | None = None
     baseline_top1: float | None = None
+    champion_top1: float | None = None  # this student's own @champion, if any (else Policy.champion_top1)
 
 
 @dataclass(frozen=True)
@@ -220,14 +222,15 @@ def _individual(c: Candidate, p: Policy) -> tuple[list[str], list[str]]:
                 f"latency {c.latency_ms:.2f} ms > budget {p.max_latency_ms:.2f} ms",
             )
     if p.beat_champion:
-        if p.champion_top1 is None:
+        champion = c.champion_top1 if c.champion_top1 is not None else p.champion_top1
+        if champion is None:
             # No champion yet (first deployment): there is nothing to beat.
             ok.append("no current champion to beat")
         else:
             rule(
-                c.top1 > p.champion_top1,
-                f"top-1 {_pct(c.top1)} beats champion {_pct(p.champion_top1)}",
-                f"top-1 {_pct(c.top1)} does not beat champion {_pct(p.champion_top1)}",
+                c.top1 > champion,
+                f"top-1 {_pct(c.top1)} beats champion {_pct(champion)}",
+                f"top-1 {_pct(c.top1)} does not beat champion {_pct(champion)}",
             )
     return ok, bad
 

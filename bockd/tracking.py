@@ -31,6 +31,27 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+PIPELINE_RUN_TAG = "kfp.run_id"
+
+
+def find_or_create_run(
+    client: MlflowClient, experiment: str, pipeline_run_id: str, run_name: str | None = None
+) -> str:
+    """The MLflow run of one pipeline run: found by its ``kfp.run_id`` tag, created on first use.
+
+    Every step of a pipeline run (and a retried step) logs into this one run.
+    """
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", max_results=1
+    )
+    if runs:
+        return runs[0].info.run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags={PIPELINE_RUN_TAG: pipeline_run_id})
+    return run.info.run_id
+
+
 class MlflowCallback:
     """Logs the config as params, each epoch's metrics, and the final summary to one MLflow run.
 

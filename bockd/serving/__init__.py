@@ -1,0 +1,45 @@
+"""KServe predictor for exported students: V1 and V2 REST, one student or an averaged ensemble.
+
+``python -m bockd.serving --model_dir DIR`` runs a server; ``start_local_server`` runs one in the background
+on 127.0.0.1; ``predict_v1``/``predict_files`` are a minimal client. Request formats: ``preprocess``.
+
+Names are imported on first use: the launcher and client do not need torch or kserve loaded (and importing
+kserve parses ``sys.argv`` as a side effect).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BACKENDS": "bockd.serving.model",
+    "EnsembleModel": "bockd.serving.model",
+    "StudentModel": "bockd.serving.model",
+    "build_model": "bockd.serving.model",
+    "InputSpec": "bockd.serving.preprocess",
+    "MAX_IMAGE_BYTES": "bockd.serving.preprocess",
+    "MAX_PIXELS": "bockd.serving.preprocess",
+    "LocalEndpoint": "bockd.serving.local",
+    "list_local_servers": "bockd.serving.local",
+    "start_local_server": "bockd.serving.local",
+    "stop_local_server": "bockd.serving.local",
+    "stop_all_local_servers": "bockd.serving.local",
+    "ServingError": "bockd.serving.errors",
+    "predict_files": "bockd.serving.client",
+    "predict_v1": "bockd.serving.client",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bockd.serving' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,249 @@
+"""KServe models for exported students: one (``StudentModel``) or several averaged (``EnsembleModel``).
+
+Both speak V1 (``/v1/models/<name>:predict``) and V2 / Open Inference Protocol (``/v2/models/<name>/infer``);
+request formats are in ``bockd.serving.preprocess``. preprocess() decodes and normalizes, predict() runs the
+network(s), postprocess() shapes the answer for the protocol the request came in on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kserve
+import numpy as np
+import torch
+from kserve.errors import InvalidInput, ModelNotReady
+from kserve.protocol.grpc.grpc_predict_v2_pb2 import ModelInferRequest
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, RequestedOutput
+
+from bockd.errors import CheckpointError
+from bockd.export import ONNX_FILE, load_student, read_student_config
+from bockd.serving.preprocess import InputSpec, batch_from_v1, batch_from_v2
+
+BACKENDS = ("torch", "onnx")
+MAX_BATCH_LIMIT = 4096  # the ONNX export's dynamic batch dimension allows at most this
+OUTPUTS = ("probabilities", "top_k_indices", "top_k_classes")
+# Every student of an ensemble must agree on these, or averaging their logits means nothing.
+_SHARED_FIELDS = ("classes", "num_classes", "in_channels", "input_shape", "mean", "std")
+
+
+class _TorchRunner:
+    def __init__(self, folder: Path) -> None:
+        self.module = load_student(folder)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(x)).numpy()
+
+
+class _OnnxRunner:
+    def __init__(self, folder: Path) -> None:
+        import onnxruntime as ort  # only the onnx backend needs it
+
+        path = folder / ONNX_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: no {ONNX_FILE}; export it with ONNX for backend onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()  # one knob (OMP_NUM_THREADS) for both backends
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise CheckpointError(f"{path} cannot be loaded by ONNX Runtime: {err}") from err
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"input": x})[0]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A decoded request: normalized input plus what the response needs to echo back."""
+
+    x: np.ndarray
+    request: InferRequest | None  # None for V1
+
+
+@dataclass(frozen=True)
+class _Result:
+    probabilities: np.ndarray
+    request: InferRequest | None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class _ClassifierModel(kserve.Model):
+    """Shared machinery: load students, decode requests, average logits, answer V1 or V2."""
+
+    def __init__(
+        self, name: str, model_dirs: Sequence[str | Path], backend: str, max_batch: int, top_k: int
+    ) -> None:
+        super().__init__(name)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(model_dirs, (str, Path)) or not model_dirs:
+            raise ValueError("model_dirs must be a non-empty list of exported student folders")
+        if not 1 <= max_batch <= MAX_BATCH_LIMIT:
+            raise ValueError(f"max_batch must be 1..{MAX_BATCH_LIMIT}, got {max_batch}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.model_dirs = [Path(d) for d in model_dirs]
+        self.backend = backend
+        self.max_batch = max_batch
+        self.top_k = top_k
+        self.config: dict[str, Any] = {}
+        self.spec: InputSpec | None = None
+        self.classes: list[str] = []
+        self._runners: list[Any] = []
+
+    # -- loading ---------------------------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        configs = [read_student_config(d) for d in self.model_dirs]
+        first = configs[0]
+        for folder, config in zip(self.model_dirs[1:], configs[1:], strict=True):
+            for field in _SHARED_FIELDS:
+                if config.get(field) != first.get(field):
+                    raise CheckpointError(
+                        f"ensemble: {folder} has {field}={config.get(field)!r} but {self.model_dirs[0]} has "
+                        f"{first.get(field)!r}; only students of the same dataset and input can be averaged"
+                    )
+        spec = InputSpec.from_config(first, str(self.model_dirs[0] / "config.json"))
+        classes = [str(c) for c in first.get("classes", [])]
+        if len(classes) != first.get("num_classes"):
+            raise CheckpointError(
+                f"{self.model_dirs[0]}: {len(classes)} class names for {first.get('num_classes')} classes"
+            )
+        runner = _TorchRunner if self.backend == "torch" else _OnnxRunner
+        self._runners = [runner(d) for d in self.model_dirs]
+        self.config, self.spec, self.classes = first, spec, classes
+        self.ready = True
+        return self.ready
+
+    @property
+    def k(self) -> int:
+        return min(self.top_k, len(self.classes))
+
+    # -- metadata (GET /v2/models/<name>) ----------------------------------------------------------------
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        # The canonical tensor; UINT8 [N, H, W, C] and BYTES [N] are accepted too (see preprocess).
+        c, h, w = self.spec.shape if self.spec else (-1, -1, -1)
+        return [{"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        n, k = len(self.classes) or -1, self.k or -1
+        return [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
+            {"name": "top_k_indices", "datatype": "INT64", "shape": [-1, k]},
+            {"name": "top_k_classes", "datatype": "BYTES", "shape": [-1, k]},
+        ]
+
+    # -- inference -------------------------------------------------------------------------------------------
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Mean of the students' logits for normalized float32 NCHW ``x`` (one student: its logits)."""
+        outs = [runner(x) for runner in self._runners]
+        return outs[0] if len(outs) == 1 else np.mean(np.stack(outs), axis=0, dtype=np.float32)
+
+    def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> _Batch:
+        if self.spec is None:
+            raise ModelNotReady(self.name)
+        if isinstance(payload, ModelInferRequest):
+            payload = InferRequest.from_grpc(payload)
+        if isinstance(payload, InferRequest):
+            self._check_requested_outputs(payload.request_outputs)
+            return _Batch(batch_from_v2(payload, self.spec, self.max_batch), payload)
+        return _Batch(batch_from_v1(payload, self.spec, self.max_batch), None)
+
+    def validate(self, payload: Any) -> Any:
+        # kserve's own check knows dicts and InferRequests; ours was already validated while decoding.
+        return payload if isinstance(payload, _Batch) else super().validate(payload)
+
+    def predict(
+        self, payload: _Batch, headers: dict[str, str] | None = None, response_headers: dict | None = None
+    ) -> _Result:
+        return _Result(softmax(self.logits(payload.x)), payload.request)
+
+    def postprocess(
+        self, result: _Result, headers: dict[str, str] | None = None, response_headers: dict | None = None
+    ) -> dict[str, Any] | InferResponse:
+        probs = result.probabilities
+        # Stable sort so equal probabilities keep class order: deterministic answers.
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : self.k].astype(np.int64)
+        if result.request is None:
+            return {"predictions": [self._v1_row(p, t) for p, t in zip(probs, top, strict=True)]}
+        names = np.asarray([[self.classes[i].encode() for i in row] for row in top], dtype=np.object_)
+        outputs = [
+            InferOutput("probabilities", list(probs.shape), "FP32", data=probs),
+            InferOutput("top_k_indices", list(top.shape), "INT64", data=top),
+            InferOutput("top_k_classes", list(names.shape), "BYTES", data=names),
+        ]
+        req = result.request
+        return InferResponse(
+            response_id=req.id or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=outputs,
+            use_binary_outputs=req.use_binary_outputs,
+            requested_outputs=req.request_outputs,
+        )
+
+    def _v1_row(self, probs: np.ndarray, top: np.ndarray) -> dict[str, Any]:
+        return {
+            "probabilities": probs.tolist(),
+            "top_k": [
+                {"index": int(i), "class": self.classes[i], "probability": float(probs[i])} for i in top
+            ],
+        }
+
+    @staticmethod
+    def _check_requested_outputs(requested: list[RequestedOutput] | None) -> None:
+        for out in requested or []:
+            if out.name not in OUTPUTS:
+                raise InvalidInput(f"unknown output {out.name!r}; this model returns {list(OUTPUTS)}")
+
+
+class StudentModel(_ClassifierModel):
+    """One exported student (a folder written by ``bockd.export.export_student``)."""
+
+    def __init__(
+        self,
+        name: str,
+        model_dir: str | Path,
+        backend: str = "torch",
+        max_batch: int = 256,
+        top_k: int = 5,
+    ) -> None:
+        super().__init__(name, [model_dir], backend, max_batch, top_k)
+        self.model_dir = Path(model_dir)
+
+
+class EnsembleModel(_ClassifierModel):
+    """Several exported students of one run: their logits are averaged, then softmaxed."""
+
+    def __init__(
+        self,
+        name: str,
+        model_dirs: Sequence[str | Path],
+        backend: str = "torch",
+        max_batch: int = 256,
+        top_k: int = 5,
+    ) -> None:
+        super().__init__(name, model_dirs, backend, max_batch, top_k)
+
+
+def build_model(
+    name: str, model_dirs: Sequence[str | Path], backend: str = "torch", max_batch: int = 256, top_k: int = 5
+) -> StudentModel | EnsembleModel:
+    """One folder -> StudentModel, several -> EnsembleModel (not loaded yet)."""
+    if len(model_dirs) == 1:
+        return StudentModel(name, model_dirs[0], backend, max_batch, top_k)
+    return EnsembleModel(name, model_dirs, backend, max_batch, top_k)

@@ -1,0 +1,27 @@
+"""deploy: put the selected students behind endpoints (a local KServe model server per student)."""
+
+from kfp.dsl import Artifact, Input, Model, Output
+
+
+def deploy(
+    model: Input[Model],
+    selection: Input[Artifact],
+    registrations: Input[Artifact],
+    deploy_mode: str,
+    local_serving_dir: str,
+    endpoints: Output[Artifact],
+) -> list:
+    """Returns one record per deployed student: name, version, url."""
+    import json
+
+    from bockd.steps import deploy as run
+
+    with open(selection.path) as f:
+        chosen = json.load(f)["chosen"]
+    with open(registrations.path) as f:
+        registered = json.load(f)
+    records = run(model.path, chosen, registered, mode=deploy_mode, serving_dir=local_serving_dir)
+    with open(endpoints.path, "w") as f:
+        json.dump(records, f, indent=2)
+    endpoints.metadata["urls"] = {r["name"]: r["url"] for r in records}
+    return records

@@ -1,0 +1,23 @@
+"""train_baseline: one student alone, cross-entropy only, same schedule (what makes the gain real)."""
+
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+def train_baseline(
+    train_config: dict,
+    student: int,
+    dataset: Input[Dataset],
+    checkpoint_uri: str,
+    pipeline_run_id: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+) -> float:
+    """Trains, exports and evaluates baseline S<student>; returns its test top-1 (%)."""
+    from bockd.steps import train_baseline as run
+
+    ckpt = f"{checkpoint_uri.rstrip('/')}/{pipeline_run_id}/baseline-s{student}" if checkpoint_uri else ""
+    record = run(train_config, dataset.path, student, model.path, checkpoint_uri=ckpt)
+    metrics.log_metric(f"baseline-s{student}-top1", record["top1"])
+    metrics.log_metric(f"baseline-s{student}-top5", record["top5"])
+    model.metadata.update(record)
+    return record["top1"]

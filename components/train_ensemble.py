@@ -1,0 +1,41 @@
+"""train_ensemble: the BOC-KD ensemble on a GPU node -> a Model artifact with every student exported."""
+
+from kfp.dsl import Dataset, Input, Metrics, Model, Output, OutputPath
+
+
+def train_ensemble(
+    train_config: dict,
+    dataset: Input[Dataset],
+    mlflow_tracking_uri: str,
+    mlflow_experiment: str,
+    checkpoint_uri: str,
+    pipeline_run_id: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    mlflow_run_id: OutputPath(str),
+) -> list:
+    """Weights, model card, history and ``students/s<k>`` exports; per-epoch metrics go to MLflow.
+
+    Returns the student numbers (the evaluate loop runs over them).
+    """
+    from bockd.steps import train_ensemble as run
+
+    # A retried pod resumes from the checkpoint this pipeline run left in S3.
+    ckpt = f"{checkpoint_uri.rstrip('/')}/{pipeline_run_id}/ensemble" if checkpoint_uri else ""
+    out = run(
+        train_config,
+        dataset.path,
+        model.path,
+        tracking_uri=mlflow_tracking_uri,
+        experiment=mlflow_experiment,
+        pipeline_run_id=pipeline_run_id,
+        checkpoint_uri=ckpt,
+        tags={"kfp.run_id": pipeline_run_id},
+    )
+    for key, value in out["final"].items():
+        if key.startswith("test/"):
+            metrics.log_metric(key.removeprefix("test/").replace("/", "-"), value)
+    model.metadata.update({"students": out["students"], "mlflow_run_id": out["mlflow_run_id"]})
+    with open(mlflow_run_id, "w") as f:
+        f.write(out["mlflow_run_id"])
+    return out["students"]

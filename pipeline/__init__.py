@@ -1,0 +1,1 @@
+"""The bockd Kubeflow pipeline: its definition, local runs, compilation and cluster operations."""

@@ -1,0 +1,135 @@
+"""``bockd pipeline run --local``: the real pipeline under kfp.local's SubprocessRunner on this machine.
+
+The embedded services (SeaweedFS S3 + MLflow, ``bockd services``) play the cluster's object store and
+registry; each task runs as a subprocess of a worker process whose (verbose) KFP output goes to a log
+file, while this process prints one line per finished task and per training epoch. After the run, every
+deployed student answers one real prediction and a summary table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from bockd.pipeline.parameters import RunParameters
+
+from bockd.errors import BockdError
+
+_TASK_LINE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")  # matched once ANSI codes are gone
+_EPOCH_LINE = re.compile(r"\[(ensemble|baseline)\] (epoch (\d+)/(\d+) .*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class LocalRunError(BockdError):
+    """The local pipeline run failed; the message names the task and the log file."""
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    run_dir: Path
+    log: Path
+    outputs: dict[str, str]  # output name -> local path (dataset, report, summary, endpoints)
+
+    def summary(self) -> list[dict[str, Any]]:
+        return json.loads(Path(self.outputs["summary"]).read_text())
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        return json.loads(Path(self.outputs["endpoints"]).read_text())
+
+
+def _worker(request_path: str) -> int:
+    """Runs in the child process: the pipeline under kfp.local, outputs written to result.json."""
+    from bockd.pipeline.pipeline import PipelineSettings, build_pipeline
+    from kfp import local
+
+    request = json.loads(Path(request_path).read_text())
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=request["pipeline_root"],
+        raise_on_error=True,
+    )
+    # No GPU node, no Kubernetes secrets: the tasks inherit this process's environment.
+    settings = PipelineSettings(
+        gpu=None, s3_secret=None, mlflow_secret=None, s3_endpoint=request["s3_endpoint"]
+    )
+    task = build_pipeline(settings)(**request["arguments"])
+    outputs = {name: artifact.path for name, artifact in task.outputs.items()}
+    Path(request["result"]).write_text(json.dumps(outputs))
+    return 0
+
+
+def _shown(epoch: int, total: int) -> bool:
+    """About ten epoch lines per training on the terminal; the log file has every one."""
+    return epoch == 1 or epoch == total or epoch % max(1, total // 10) == 0
+
+
+def _follow(proc: subprocess.Popen[bytes], log: Path, out: TextIO) -> None:
+    """Print task and epoch lines from the worker's log until it exits."""
+    with open(log, encoding="utf-8", errors="replace") as f:
+        while True:
+            line = f.readline()
+            if not line:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.2)
+                continue
+            plain = _ANSI.sub("", line.rstrip())
+            if m := _TASK_LINE.search(plain):
+                print(f"  task {m.group(1):<16} {m.group(2).lower()}", file=out, flush=True)
+            elif (m := _EPOCH_LINE.search(plain)) and _shown(int(m.group(3)), int(m.group(4))):
+                print(f"    {m.group(1):<8} {m.group(2)}", file=out, flush=True)
+
+
+def run_local(params: RunParameters, state_dir: Path, out: TextIO = sys.stdout) -> LocalRun:
+    """Services up, then the whole pipeline on this machine; returns where its outputs are."""
+    from bockd.services import up
+
+    info = up(state_dir)
+    env = {**os.environ, **info.env()}
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_dir = (state_dir / "runs" / stamp).absolute()
+    run_dir.mkdir(parents=True)
+    request = {
+        "pipeline_root": str(run_dir / "root"),
+        "s3_endpoint": info.s3_endpoint,
+        "arguments": params.arguments(),
+        "result": str(run_dir / "result.json"),
+    }
+    (run_dir / "request.json").write_text(json.dumps(request, indent=2))
+    log = run_dir / "pipeline.log"
+    print(f"pipeline run {stamp}: log in {log}", file=out, flush=True)
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bockd.pipeline.local", str(run_dir / "request.json")],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            _follow(proc, log, out)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+    if proc.returncode != 0 or not (run_dir / "result.json").exists():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise LocalRunError(f"the local pipeline run failed (exit {proc.returncode}); log: {log}\n{tail}")
+    outputs = json.loads((run_dir / "result.json").read_text())
+    # KFP names the artifact file after the output ("report"); a copy with a suffix opens in a browser.
+    report = run_dir / "report.html"
+    shutil.copyfile(outputs["report"], report)
+    outputs["report"] = str(report)
+    return LocalRun(run_dir, log, outputs)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

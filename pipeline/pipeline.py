@@ -1,0 +1,186 @@
+"""The bockd pipeline: data -> ensemble (+ baselines) -> evaluate -> register -> select -> report -> deploy.
+
+:func:`build_pipeline` makes the ``@dsl.pipeline`` for a :class:`PipelineSettings`: the compile-time,
+cluster-side choices (images, GPU node, secrets, retries). Everything a run varies (the training config,
+baselines, selection policy, MLflow target, deploy mode) is a pipeline parameter.
+"""
+
+from typing import Any, NamedTuple
+
+from bockd.components import make_components
+from bockd.pipeline.parameters import CLUSTER_MLFLOW_URI
+from bockd.pipeline.settings import (
+    MLFLOW_SECRET_KEYS,
+    PIPELINE_NAME,
+    S3_SECRET_KEYS,
+    GpuNode,
+    PipelineSettings,
+)
+from kfp import dsl, kubernetes
+
+from bockd.config import build_config
+
+
+def config_parameter(raw: dict[str, Any]) -> dict[str, Any]:
+    """A training config as a pipeline parameter: validated, nulls dropped (KFP parameters cannot hold
+    null; the defaults they stand for come back when a step validates the dict again)."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if v is not None}
+        return list(node) if isinstance(node, tuple) else node
+
+    return strip(build_config(None, raw).to_dict())
+
+
+DEFAULT_TRAIN_CONFIG = config_parameter({"preset": "smoke", "runtime": {"progress": "log"}})
+
+
+class PipelineOutputs(NamedTuple):
+    dataset: dsl.Dataset
+    report: dsl.HTML  # the HTML report the KFP UI renders
+    summary: dsl.Artifact  # per-student rows as JSON
+    endpoints: dsl.Artifact  # deployed students as JSON
+
+
+def _with_secrets(task: dsl.PipelineTask, settings: PipelineSettings) -> dsl.PipelineTask:
+    if settings.s3_endpoint:
+        task.set_env_variable("BOCKD_S3_ENDPOINT", settings.s3_endpoint)
+    if settings.s3_secret:
+        kubernetes.use_secret_as_env(task, settings.s3_secret, {k: k for k in S3_SECRET_KEYS})
+    if settings.mlflow_secret:
+        kubernetes.use_secret_as_env(
+            task, settings.mlflow_secret, {k: k for k in MLFLOW_SECRET_KEYS}, optional=True
+        )
+    return task
+
+
+def _on_gpu_node(task: dsl.PipelineTask, gpu: GpuNode | None) -> dsl.PipelineTask:
+    if gpu is None:
+        return task
+    task.set_accelerator_type(gpu.accelerator).set_accelerator_limit(gpu.count)
+    task.set_cpu_request(gpu.cpu_request).set_memory_request(gpu.memory_request)
+    if gpu.toleration:
+        kubernetes.add_toleration(task, key=gpu.toleration, operator="Exists", effect="NoSchedule")
+    for key, value in gpu.node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
+    if gpu.shm_size:
+        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=gpu.shm_size)
+    return task
+
+
+def _retried(task: dsl.PipelineTask, settings: PipelineSettings) -> dsl.PipelineTask:
+    # Registry and serving calls cross the network: transient failures are retried with backoff.
+    return task.set_retry(settings.retries, backoff_duration="30s", backoff_factor=2.0)
+
+
+def build_pipeline(settings: PipelineSettings | None = None) -> Any:
+    """The pipeline function (a KFP GraphComponent) for ``settings``."""
+    settings = settings or PipelineSettings()
+    c = make_components(settings.trainer_image, settings.serving_image)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="BOC-KD: one training run, a family of compressed students")
+    def bockd_pipeline(
+        train_config: dict = DEFAULT_TRAIN_CONFIG,
+        baseline_students: list = [],  # noqa: B006 (KFP reads the default from the signature)
+        selection_policy: dict = {},  # noqa: B006
+        model_prefix: str = "bockd",
+        mlflow_tracking_uri: str = CLUSTER_MLFLOW_URI,
+        mlflow_experiment: str = "bockd",
+        checkpoint_uri: str = "",
+        eval_device: str = "cpu",
+        deploy_mode: str = "none",
+        local_serving_dir: str = "",
+    ) -> PipelineOutputs:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        data = _with_secrets(c.prepare_data(train_config=train_config), settings)
+        data.set_caching_options(False)  # the source may change under the same name
+        data.set_display_name("prepare data")
+
+        ensemble = c.train_ensemble(
+            train_config=train_config,
+            dataset=data.outputs["dataset"],
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            mlflow_experiment=mlflow_experiment,
+            checkpoint_uri=checkpoint_uri,
+            pipeline_run_id=run_id,
+        )
+        _on_gpu_node(_with_secrets(ensemble, settings), settings.gpu)
+        ensemble.set_caching_options(False).set_display_name("train ensemble")
+
+        with dsl.ParallelFor(baseline_students, parallelism=1 if settings.gpu is None else 0) as k:
+            baseline = c.train_baseline(
+                train_config=train_config,
+                student=k,
+                dataset=data.outputs["dataset"],
+                checkpoint_uri=checkpoint_uri,
+                pipeline_run_id=run_id,
+            )
+            _on_gpu_node(_with_secrets(baseline, settings), settings.gpu)
+            baseline.set_caching_options(False).set_display_name("train baseline")
+
+        # A dsl.Collected may feed only one task: each consumer gets its own.
+        def baselines() -> dsl.Collected:
+            return dsl.Collected(baseline.outputs["model"])
+
+        with dsl.ParallelFor(ensemble.outputs["Output"], parallelism=1 if settings.gpu is None else 0) as s:
+            ev = c.evaluate(
+                student=s,
+                dataset=data.outputs["dataset"],
+                model=ensemble.outputs["model"],
+                device=eval_device,
+            )
+            ev.set_display_name("evaluate student")
+
+        def evaluations() -> dsl.Collected:
+            return dsl.Collected(ev.outputs["evaluation"])
+
+        reg = c.register(
+            model=ensemble.outputs["model"],
+            evaluations=evaluations(),
+            baselines=baselines(),
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            mlflow_run_id=ensemble.outputs["mlflow_run_id"],
+            model_prefix=model_prefix,
+        )
+        _retried(_with_secrets(reg, settings), settings).set_display_name("register in MLflow")
+
+        sel = c.select(
+            evaluations=evaluations(),
+            baselines=baselines(),
+            registrations=reg.outputs["registrations"],
+            selection_policy=selection_policy,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            mlflow_run_id=ensemble.outputs["mlflow_run_id"],
+        )
+        _retried(_with_secrets(sel, settings), settings).set_display_name("select students")
+
+        rep = c.report(
+            model=ensemble.outputs["model"],
+            evaluations=evaluations(),
+            baselines=baselines(),
+            registrations=reg.outputs["registrations"],
+            selection=sel.outputs["selection"],
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            mlflow_run_id=ensemble.outputs["mlflow_run_id"],
+            pipeline_run_id=run_id,
+        )
+        _with_secrets(rep, settings).set_display_name("report")
+
+        dep = c.deploy(
+            model=ensemble.outputs["model"],
+            selection=sel.outputs["selection"],
+            registrations=reg.outputs["registrations"],
+            deploy_mode=deploy_mode,
+            local_serving_dir=local_serving_dir,
+        )
+        _retried(_with_secrets(dep, settings), settings).set_display_name("deploy")
+
+        return PipelineOutputs(
+            dataset=data.outputs["dataset"],
+            report=rep.outputs["report"],
+            summary=rep.outputs["summary"],
+            endpoints=dep.outputs["endpoints"],
+        )
+
+    return bockd_pipeline

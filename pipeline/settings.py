@@ -1,0 +1,37 @@
+"""Compile-time settings of the pipeline: images, the GPU node, secrets, retries (no kfp import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PIPELINE_NAME = "bockd"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/bockd/bockd-trainer:0.1.0"
+DEFAULT_SERVING_IMAGE = "ghcr.io/bockd/bockd-serving:0.1.0"
+# Keys the S3 secret must hold; the tasks see them under the same names.
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Optional keys of the MLflow secret (a tracking server behind basic auth or a token).
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+@dataclass(frozen=True)
+class GpuNode:
+    """Where the training tasks run: one accelerator-bearing pod per task."""
+
+    accelerator: str = "nvidia.com/gpu"
+    count: int = 1
+    node_selector: dict[str, str] = field(default_factory=dict)
+    toleration: str | None = "nvidia.com/gpu"  # taint key tolerated (operator Exists, effect NoSchedule)
+    cpu_request: str = "8"
+    memory_request: str = "32Gi"
+    shm_size: str = "8Gi"  # memory-backed /dev/shm: the default 64 MiB starves PyTorch workers
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    serving_image: str = DEFAULT_SERVING_IMAGE
+    gpu: GpuNode | None = field(default_factory=GpuNode)  # None: training on CPU (local runs)
+    s3_secret: str | None = "bockd-s3"  # None: no Kubernetes secrets (local runs read the environment)
+    mlflow_secret: str | None = "bockd-mlflow"
+    s3_endpoint: str = "http://minio-service.kubeflow:9000"
+    retries: int = 3

@@ -1,0 +1,191 @@
+"""The compiled pipeline IR: where the GPU node, secrets, caching and retries end up, and what never does.
+
+These read the YAML the real KFP compiler writes (the same file `bockd pipeline compile` and `submit`
+produce); no cluster is involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from bockd.pipeline.pipeline import build_pipeline
+from bockd.pipeline.settings import GpuNode, PipelineSettings
+from kfp import compiler
+
+from bockd.cli import main
+
+TRAINING = ("exec-train-ensemble", "exec-train-baseline")
+SECRET_VALUES = ("AKIAEXAMPLESECRETKEY1", "wJalrXUtnFEMI-example-secret-value")
+
+
+def compile_to(tmp_path: Path, settings: PipelineSettings | None = None) -> tuple[str, dict, dict]:
+    path = tmp_path / "pipeline.yaml"
+    compiler.Compiler().compile(build_pipeline(settings), str(path))
+    text = path.read_text()
+    spec, platform = yaml.safe_load_all(text)
+    return text, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, dict]:
+    settings = PipelineSettings(
+        trainer_image="registry.example.com/bockd/trainer:1.2.3",
+        serving_image="registry.example.com/bockd/serving:1.2.3",
+        gpu=GpuNode(
+            accelerator="nvidia.com/gpu",
+            count=2,
+            node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            cpu_request="12",
+            memory_request="64Gi",
+            shm_size="16Gi",
+        ),
+        s3_secret="team-s3",
+        mlflow_secret="team-mlflow",
+        s3_endpoint="http://minio-service.kubeflow:9000",
+        retries=4,
+    )
+    return compile_to(tmp_path_factory.mktemp("ir"), settings)
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Every task of every DAG (loops included), by task name."""
+    tasks: dict[str, dict] = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_training_tasks_ask_for_the_gpu_node(compiled: tuple[str, dict, dict]) -> None:
+    _, spec, platform = compiled
+    for executor in TRAINING:
+        resources = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert resources["accelerator"]["resourceCount"] == "2"
+        assert resources["resourceCpuRequest"] == "12"
+        assert resources["resourceMemoryRequest"] == "64Gi"
+        k8s = platform[executor]
+        assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert k8s["emptyDirMounts"] == [
+            {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"}
+        ]
+    # Only training needs the GPU node.
+    for executor in ("exec-evaluate", "exec-register", "exec-deploy", "exec-prepare-data"):
+        assert "accelerator" not in spec["deploymentSpec"]["executors"][executor]["container"].get(
+            "resources", {}
+        )
+        assert "tolerations" not in platform.get(executor, {})
+
+
+def test_credentials_reach_tasks_only_as_secret_refs(compiled: tuple[str, dict, dict]) -> None:
+    _, spec, platform = compiled
+    for executor in spec["deploymentSpec"]["executors"]:
+        if executor == "exec-evaluate":  # reads only its input artifacts
+            continue
+        refs = {ref["secretName"]: ref for ref in platform[executor]["secretAsEnv"]}
+        s3 = refs["team-s3"]
+        assert {(k["secretKey"], k["envVar"]) for k in s3["keyToEnv"]} == {
+            ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+            ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+        }
+        assert s3["optional"] is False
+        assert refs["team-mlflow"]["optional"] is True
+        env = spec["deploymentSpec"]["executors"][executor]["container"].get("env", [])
+        assert {"name": "BOCKD_S3_ENDPOINT", "value": "http://minio-service.kubeflow:9000"} in env
+        assert not any("SECRET" in e["name"] or "PASSWORD" in e["name"] for e in env)
+
+
+def test_no_credential_value_appears_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials in the compiling process's environment must not leak into the YAML."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SECRET_VALUES[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUES[1])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET_VALUES[1])
+    out = tmp_path / "p.yaml"
+    assert main(["pipeline", "compile", "-o", str(out)]) == 0
+    text = out.read_text()
+    for value in SECRET_VALUES:
+        assert value not in text
+    spec = next(yaml.safe_load_all(text))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert not any("secret" in name or "password" in name or "key" in name for name in params)
+
+
+def test_caching_off_for_data_and_training_retries_on_network_steps(compiled: tuple[str, dict, dict]) -> None:
+    _, spec, _ = compiled
+    tasks = _tasks(spec)
+    for name in ("prepare-data", "train-ensemble", "train-baseline"):
+        assert not tasks[name]["cachingOptions"].get("enableCache", False), name
+    for name in ("evaluate", "report"):
+        assert tasks[name]["cachingOptions"]["enableCache"] is True, name
+    for name in ("register", "select", "deploy"):
+        policy = tasks[name]["retryPolicy"]
+        assert policy["maxRetryCount"] == 4
+        assert policy["backoffDuration"] == "30s"
+    for name in ("prepare-data", "train-ensemble", "evaluate"):
+        assert "retryPolicy" not in tasks[name], name
+
+
+def test_pinned_images_and_nothing_installed_at_run_time(compiled: tuple[str, dict, dict]) -> None:
+    text, spec, _ = compiled
+    images = {e: x["container"]["image"] for e, x in spec["deploymentSpec"]["executors"].items()}
+    assert images.pop("exec-deploy") == "registry.example.com/bockd/serving:1.2.3"
+    assert set(images.values()) == {"registry.example.com/bockd/trainer:1.2.3"}
+    assert "pip install" not in text
+    assert ":latest" not in text
+
+
+def test_typed_artifacts(compiled: tuple[str, dict, dict]) -> None:
+    _, spec, _ = compiled
+    comps = spec["components"]
+
+    def outputs(comp: str) -> dict[str, str]:
+        arts = comps[comp]["outputDefinitions"]["artifacts"]
+        return {name: a["artifactType"]["schemaTitle"] for name, a in arts.items()}
+
+    assert outputs("comp-prepare-data") == {"dataset": "system.Dataset"}
+    assert outputs("comp-train-ensemble") == {"model": "system.Model", "metrics": "system.Metrics"}
+    assert outputs("comp-evaluate") == {
+        "evaluation": "system.Artifact",
+        "metrics": "system.Metrics",
+        "confusion": "system.ClassificationMetrics",
+    }
+    assert outputs("comp-report")["report"] == "system.HTML"
+    register_inputs = comps["comp-register"]["inputDefinitions"]["artifacts"]
+    assert register_inputs["evaluations"]["isArtifactList"] is True
+    assert register_inputs["baselines"]["isArtifactList"] is True
+
+
+def test_cpu_settings_drop_the_gpu_node(tmp_path: Path) -> None:
+    _, spec, platform = compile_to(tmp_path, PipelineSettings(gpu=None))
+    container = spec["deploymentSpec"]["executors"]["exec-train-ensemble"]["container"]
+    assert "accelerator" not in container.get("resources", {})
+    assert "tolerations" not in platform["exec-train-ensemble"]
+
+
+def test_compile_cli_options_reach_the_yaml(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    argv = [
+        "pipeline",
+        "compile",
+        "-o",
+        str(out),
+        "--gpus",
+        "4",
+        "--node-selector",
+        "cloud.google.com/gke-accelerator=nvidia-a100",
+    ]
+    argv += ["--toleration", "none", "--trainer-image", "example.com/t:9", "--s3-secret", "other-s3"]
+    assert main(argv) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    executors: dict[str, Any] = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = spec["deploymentSpec"]["executors"]["exec-train-ensemble"]["container"]
+    assert train["resources"]["accelerator"]["resourceCount"] == "4"
+    assert train["image"] == "example.com/t:9"
+    assert executors["exec-train-ensemble"]["nodeSelector"]["labels"] == {
+        "cloud.google.com/gke-accelerator": "nvidia-a100"
+    }
+    assert "tolerations" not in executors["exec-train-ensemble"]
+    assert executors["exec-register"]["secretAsEnv"][0]["secretName"] == "other-s3"

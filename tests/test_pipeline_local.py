@@ -1,0 +1,159 @@
+"""The whole pipeline on digits under kfp.local, against the real SeaweedFS and MLflow servers and a real
+KServe model server: `bockd pipeline run --local` exactly as a user runs it (shorter schedule)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from bockd import steps
+from bockd.cli import main
+from bockd.data import ImageDataset
+from bockd.export import load_student, read_student_config
+from bockd.serving.client import predict_v1
+from bockd.storage import client as s3_client
+
+pytestmark = pytest.mark.slow
+
+STUDENTS = 3
+ARGV = [
+    "--epochs", "2", "--num-students", str(STUDENTS), "--baselines", "1,3",
+    "--policy", "{max_size_pct: 50, best_only: true}", "--model-prefix", "e2e",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    state = tmp_path_factory.mktemp("e2e") / ".bockd"
+    saved = dict(os.environ)
+    out = tmp_path_factory.mktemp("stdout") / "out.txt"
+    try:
+        with open(out, "w") as f, contextlib.redirect_stdout(f):
+            code = main(["pipeline", "run", "--local", "--state-dir", str(state), *ARGV])
+        run_dir = next((state / "runs").iterdir())
+        yield {
+            "code": code,
+            "state": state,
+            "stdout": out.read_text(),
+            "run_dir": run_dir,
+            "outputs": json.loads((run_dir / "result.json").read_text()),
+        }
+    finally:
+        main(["services", "down", "--state-dir", str(state)])
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_the_run_succeeds_and_prints_the_summary(local_run: dict[str, Any]) -> None:
+    assert local_run["code"] == 0
+    text = local_run["stdout"]
+    header = "| student | params | size % | top-1 % | baseline top-1 % | gain | MLflow version | endpoint |"
+    assert header in text
+    rows = [line for line in text.splitlines() if line.startswith("| S")]
+    assert len(rows) == STUDENTS
+    assert "prediction: e2e-digits-resnet20-s" in text
+    assert (local_run["run_dir"] / "report.html").is_file()
+    for task in ("prepare-data", "train-ensemble", "train-baseline", "evaluate", "register", "deploy"):
+        assert f"task {task}" in text
+
+
+def test_summary_rows_match_registry_tags(local_run: dict[str, Any]) -> None:
+    rows = json.loads(Path(local_run["outputs"]["summary"]).read_text())
+    mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert [r["student"] for r in rows] == ["S1", "S2", "S3"]
+    for r in rows:
+        version = mlflow.get_model_version(r["model"], r["version"])
+        assert r["model"] == f"e2e-digits-resnet20-s{r['number']}"
+        assert float(version.tags["top1"]) == pytest.approx(r["top1"], abs=1e-3)
+        assert version.tags["params"] == str(r["params"])
+        if r["number"] in (1, 3):  # the baselines asked for
+            assert float(version.tags["baseline_top1"]) == pytest.approx(r["baseline_top1"], abs=1e-3)
+            assert float(version.tags["gain"]) == pytest.approx(r["top1"] - r["baseline_top1"], abs=1e-3)
+        else:
+            assert "baseline_top1" not in version.tags
+
+
+def test_one_mlflow_run_holds_params_epoch_metrics_and_artifacts(local_run: dict[str, Any]) -> None:
+    mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.get_experiment_by_name("bockd")
+    runs = mlflow.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["kfp.run_id"]
+    assert run.data.tags["bockd.dataset"] == "digits"
+    assert run.data.params["model.num_students"] == str(STUDENTS)
+    for key in ("test/s1/top1", "test/s3/top1", "test/ensemble/top1", "train/s2/kd"):
+        assert [m.step for m in mlflow.get_metric_history(run.info.run_id, key)] == [1, 2]
+    names = {a.path for a in mlflow.list_artifacts(run.info.run_id)}
+    assert {"report.html", "summary.json", "selection.json", "config", "students"} <= names
+
+
+def test_artifacts_and_checkpoints_are_in_s3(local_run: dict[str, Any]) -> None:
+    keys = [o.object_name for o in s3_client().list_objects("bockd", recursive=True)]
+    assert any(k.startswith("mlflow/") and k.endswith("students/s1/model.onnx") for k in keys)
+    assert any(k.startswith("mlflow/") and k.endswith("students/s3/model.safetensors") for k in keys)
+    assert any(k.startswith("mlflow/") and k.endswith("report.html") for k in keys)
+    assert any(k.startswith("checkpoints/") and k.endswith("/ensemble/checkpoint.pt") for k in keys)
+    assert any(k.startswith("checkpoints/") and k.endswith("/baseline-s3/checkpoint.pt") for k in keys)
+
+
+def test_selection_champion_and_the_served_student(local_run: dict[str, Any]) -> None:
+    rows = json.loads(Path(local_run["outputs"]["summary"]).read_text())
+    endpoints = json.loads(Path(local_run["outputs"]["endpoints"]).read_text())
+    small = [r for r in rows if r["size_pct"] <= 50]
+    best = max(small, key=lambda r: (r["top1"], -r["params"]))
+    assert [r["number"] for r in rows if r["selected"]] == [best["number"]]
+    assert [e["student"] for e in endpoints] == [best["number"]]
+
+    mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    champion = mlflow.get_model_version_by_alias(best["model"], "champion")
+    assert champion.version == best["version"]
+    assert "alias.champion.set" in champion.tags
+    for r in rows:
+        if not r["selected"]:
+            assert "champion" not in mlflow.get_registered_model(r["model"]).aliases
+
+    # The served student answers with what the exported student computes.
+    dataset = ImageDataset.load(local_run["outputs"]["dataset"])
+    images = list(dataset.test.x[:4])
+    answers = predict_v1(endpoints[0]["url"], endpoints[0]["name"], images)
+    model_dir = next(local_run["run_dir"].glob("root/*/train-ensemble/model"))
+    student = steps.student_dir(model_dir, best["number"])
+    config = read_student_config(student)
+    x = torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(config["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(config["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        expected = torch.softmax(load_student(student)((x - mean) / std), dim=1).numpy()
+    got = np.array([a["probabilities"] for a in answers])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_register_again_creates_nothing(local_run: dict[str, Any]) -> None:
+    """The register step re-run for the same training run returns the existing versions."""
+    root = next(local_run["run_dir"].glob("root/*"))
+    model_dir = root / "train-ensemble" / "model"
+    evaluations = steps.read_records(
+        sorted(root.glob("for-loop-*/evaluate/evaluation")), steps.EVALUATION_FILE
+    )
+    baselines = steps.read_records(sorted(root.glob("for-loop-*/train-baseline/model")), steps.BASELINE_FILE)
+    run_id = (root / "train-ensemble" / "mlflow_run_id").read_text()
+    again = steps.register(
+        model_dir,
+        evaluations,
+        baselines,
+        tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+        run_id=run_id,
+        prefix="e2e",
+    )
+    assert [r["created"] for r in again] == [False] * STUDENTS
+    assert [r["version"] for r in again] == ["1"] * STUDENTS

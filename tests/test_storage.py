@@ -1,0 +1,92 @@
+"""S3 data sources and checkpoints against the real embedded S3 server (SeaweedFS `weed mini`)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bockd import steps
+from bockd.data import ImageDataset
+from bockd.errors import DataError
+from bockd.services import ServicesInfo
+from bockd.storage import S3Uri, _relative_key, client, download_prefix, upload_folder
+
+SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def _put(info: ServicesInfo, key: str, data: bytes) -> None:
+    client().put_object(info.bucket, key, io.BytesIO(data), len(data))
+
+
+@pytest.fixture(scope="module")
+def cifar_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 300 train / 100 test images of the real CIFAR-10, in the npz layout bockd reads."""
+    if not (SHARED_CIFAR10 / "cifar10_train.npz").is_file():
+        pytest.skip("../shared/data/cifar10 is not here")
+    out = tmp_path_factory.mktemp("cifar10-slice")
+    for split, n in (("train", 300), ("test", 100)):
+        with np.load(SHARED_CIFAR10 / f"cifar10_{split}.npz") as npz:
+            np.savez(out / f"cifar10_{split}.npz", x=npz["x"][:n], y=npz["y"][:n])
+    return out
+
+
+def test_s3_uri_parsing() -> None:
+    assert S3Uri.parse("s3://bucket/a/b") == S3Uri("bucket", "a/b")
+    assert S3Uri.parse("s3://bucket") == S3Uri("bucket", "")
+    with pytest.raises(DataError, match=r"data\.path: expected s3://bucket"):
+        S3Uri.parse("/local/path", "data.path")
+
+
+def test_prepare_data_reads_an_s3_prefix(
+    mlflow_stack: ServicesInfo, cifar_slice: Path, tmp_path: Path
+) -> None:
+    keys = upload_folder(cifar_slice, "s3://bockd/datasets/cifar10-slice")
+    assert sorted(keys) == [
+        "datasets/cifar10-slice/cifar10_test.npz",
+        "datasets/cifar10-slice/cifar10_train.npz",
+    ]
+    config = {"preset": "smoke", "data": {"dataset": "cifar10", "path": "s3://bockd/datasets/cifar10-slice"}}
+    meta = steps.prepare_data(config, tmp_path / "prepared")
+    assert meta["counts"] == {"train": 300, "test": 100}
+    prepared = ImageDataset.load(tmp_path / "prepared")
+    with np.load(cifar_slice / "cifar10_test.npz") as npz:
+        np.testing.assert_array_equal(prepared.test.x, npz["x"])
+
+
+def test_single_object_downloads_as_a_file(mlflow_stack: ServicesInfo, tmp_path: Path) -> None:
+    _put(mlflow_stack, "single/archive.tar.gz", b"not really an archive")
+    got = download_prefix("s3://bockd/single/archive.tar.gz", tmp_path / "dl")
+    assert got == tmp_path / "dl" / "archive.tar.gz"
+    assert got.read_bytes() == b"not really an archive"
+
+
+@pytest.mark.parametrize("key", ["data/../../outside.txt", "data//etc/passwd/..", "data/"])
+def test_keys_that_would_escape_the_folder_are_refused(key: str) -> None:
+    """Another S3 client can store keys with '..' segments (minio's refuses to write them, so the guard is
+    exercised directly): such a key must never become a path outside the download folder."""
+    with pytest.raises(DataError, match="outside the download folder"):
+        _relative_key(key, "data")
+    assert _relative_key("data/sub/file.npz", "data").parts == ("sub", "file.npz")
+
+
+def test_missing_prefix_and_bucket_are_clear_errors(mlflow_stack: ServicesInfo, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no objects under"):
+        download_prefix("s3://bockd/does-not-exist/", tmp_path / "dl")
+    with pytest.raises(DataError, match="bucket 'nope' does not exist"):
+        download_prefix("s3://nope/x", tmp_path / "dl")
+
+
+def test_checkpoint_sync_round_trip(mlflow_stack: ServicesInfo, tmp_path: Path) -> None:
+    sync = steps.S3CheckpointSync("s3://bockd/checkpoints/test-run/ensemble")
+    assert sync.restore(tmp_path) is False  # nothing there yet: start from scratch
+    ckpt = tmp_path / "written" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"checkpoint bytes")
+    sync.on_checkpoint(None, ckpt)
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    assert sync.restore(restored) is True
+    assert (restored / "checkpoint.pt").read_bytes() == b"checkpoint bytes"
