@@ -53,7 +53,7 @@ def accuracy_vs_size_plot(rows: list[dict[str, Any]], ensemble_top1: float | Non
             label="baseline (CE only)",
         )
     if ensemble_top1 is not None:
-        ax.axhline(ensemble_top1, color="grey", linestyle=":", label="ensemble (training)")
+        ax.axhline(ensemble_top1, color="grey", linestyle=":", label="ensemble (mean of logits)")
     for r in rows:
         ax.annotate(r["student"], (r["params"], r["top1"]), textcoords="offset points", xytext=(4, 6))
     ax.set_xscale("log")

@@ -118,6 +118,19 @@ def test_champion_rule_is_strict(cands: list[Candidate]) -> None:
     assert v["s4"][1] == "top-1 97.50 % beats champion 96.66 %"
 
 
+def test_each_student_is_judged_against_its_own_champion(cands: list[Candidate]) -> None:
+    """In the pipeline every student is its own registered model with its own @champion."""
+    from dataclasses import replace
+
+    own = [replace(c, champion_top1=t) for c, t in zip(cands, [80.0, 97.0, None, 97.5, 90.0], strict=True)]
+    sel = select(own, Policy(beat_champion=True, champion_top1=99.0))
+    v = _verdict(sel)
+    assert sel.names == ["s1", "s5"]  # beat their own champions; s3 has none, so the policy's 99 applies
+    assert v["s1"][1] == "top-1 88.02 % beats champion 80.00 %"
+    assert v["s3"][1] == "top-1 95.10 % does not beat champion 99.00 %"
+    assert v["s4"][1] == "top-1 97.50 % does not beat champion 97.50 %"
+
+
 def test_champion_without_flag_or_value(cands: list[Candidate]) -> None:
     assert len(select(cands, Policy(champion_top1=99.0)).chosen) == 5  # informational only
     sel = select(cands, Policy(beat_champion=True))
