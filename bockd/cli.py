@@ -1,4 +1,4 @@
-"""The ``bockd`` command line: models, train, export, reproduce, services, pipeline."""
+"""The ``bockd`` command line: models, train, export, reproduce, services, pipeline, serve, predict."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,56 @@ def _cmd_services(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_model(source: str, cache: Path) -> Path:
+    """A local folder as is; ``s3://`` prefixes and ``models:/name@alias`` (MLflow) downloaded first."""
+    if source.startswith("s3://"):
+        from bockd.storage import download_prefix
+
+        return download_prefix(source, cache / source.removeprefix("s3://").replace("/", "_"))
+    if source.startswith("models:/"):
+        from mlflow.artifacts import download_artifacts
+
+        target = cache / source.removeprefix("models:/").replace("/", "_").replace("@", "_")
+        target.mkdir(parents=True, exist_ok=True)
+        return Path(download_artifacts(artifact_uri=source, dst_path=str(target)))
+    folder = Path(source)
+    if not (folder / "config.json").is_file():
+        raise BockdError(f"--model: {source!r} is not an exported student folder (no config.json)")
+    return folder
+
+
+def _default_name(source: str) -> str:
+    """``models:/bockd-digits-resnet20-s4@champion`` -> ``bockd-digits-resnet20-s4``; else the last part."""
+    if source.startswith("models:/"):
+        return re.split(r"[@/]", source.removeprefix("models:/"))[0]
+    return Path(source.rstrip("/")).name
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from bockd.serving.server import main as serve
+
+    folders = [_resolve_model(m, Path(args.cache_dir)) for m in args.model]
+    name = args.name or ("ensemble" if len(folders) > 1 else _default_name(args.model[0]))
+    argv = ["--model_name", name, "--backend", args.backend, "--http_port", str(args.port)]
+    argv += ["--host", args.host, "--enable_grpc", "false"]
+    for folder in folders:
+        argv += ["--model_dir", str(folder)]
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {name} on {url}: V1 {url}/v1/models/{name}:predict, V2 {url}/v2/models/{name}/infer")
+    serve(argv)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from bockd.serving.client import predict_files
+
+    answers = predict_files(args.url, args.name, args.images)
+    for path, answer in zip(args.images, answers, strict=True):
+        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in answer["top_k"][: args.top])
+        print(f"{path}: {top}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bockd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bockd {__version__}")
@@ -216,6 +267,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-port", type=int, help="default: a free port")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health checks")
     p.set_defaults(func=_cmd_services)
+
+    p = sub.add_parser("serve", help="serve exported students with KServe on 127.0.0.1 (V1 + V2 REST)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="exported student folder, s3://bucket/prefix or models:/name@alias; twice or more: an ensemble",
+    )
+    p.add_argument("--name", help="model name in the URL (default: the folder name, or 'ensemble')")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument(
+        "--cache-dir", default=".bockd/models", help="where s3:// and models:/ sources are downloaded"
+    )
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("predict", help="send PNG/JPEG images to a served student (V1 protocol)")
+    p.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8080")
+    p.add_argument("--name", required=True, help="model name")
+    p.add_argument("--top", type=int, default=3, help="classes to print per image")
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=_cmd_predict)
 
     from bockd.pipeline.cli import add_parser as add_pipeline_parser
 
