@@ -411,7 +411,70 @@ def report(
 
 
 # -- deploy -----------------------------------------------------------------------------------------
-DEPLOY_MODES = ("none", "local")
+DEPLOY_MODES = ("none", "local", "cluster")
+# What a pipeline may set about each InferenceService (DeploySpec fields; see bockd.serving.deploy).
+CLUSTER_DEPLOY_OPTIONS = (
+    "service_account", "runtime", "backend", "min_replicas", "max_replicas", "scale_metric", "scale_target",
+    "canary_traffic_percent", "deployment_mode", "timeout_s", "poll_s",
+)  # fmt: skip
+_POD_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def storage_uri(mlflow: Any, name: str, version: str, artifacts_destination: str) -> str:
+    """The S3 location of a registered version's files, as KServe's storage initializer needs it.
+
+    An MLflow server that proxies artifacts hands out ``mlflow-artifacts:/<path>``; the files are at
+    ``<artifacts_destination>/<path>`` (the server's ``--artifacts-destination``).
+    """
+    uri = mlflow.get_model_version_download_uri(name, version)
+    if uri.startswith("runs:/"):  # a version registered from a run's artifacts: resolve the run's root
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        uri = f"{mlflow.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+    if uri.startswith("mlflow-artifacts:"):
+        path = uri.removeprefix("mlflow-artifacts:").lstrip("/")
+        return f"{artifacts_destination.rstrip('/')}/{path}"
+    if uri.startswith("s3://"):
+        return uri
+    raise ConfigError(
+        f"{name} v{version}: its files are at {uri!r}; KServe here can read only s3:// locations"
+    )
+
+
+def _deploy_cluster(
+    model_dir: Path, chosen: list[int], versions: dict[int, dict[str, Any]], options: dict[str, Any]
+) -> list[dict[str, Any]]:
+    from mlflow import MlflowClient
+
+    from bockd.serving.deploy import DeploySpec, KubeApi, deploy_inference_service
+
+    opts = dict(options)
+    unknown = sorted(
+        set(opts) - {*CLUSTER_DEPLOY_OPTIONS, "namespace", "tracking_uri", "artifacts_destination"}
+    )
+    if unknown:
+        raise ConfigError(
+            f"deploy_options: unknown keys {unknown}; expected {', '.join(CLUSTER_DEPLOY_OPTIONS)}"
+        )
+    namespace = opts.pop("namespace", "") or (
+        _POD_NAMESPACE.read_text().strip() if _POD_NAMESPACE.exists() else ""
+    )
+    if not namespace:
+        raise ConfigError(
+            "serving_namespace: not set and not running in a pod (no service account namespace)"
+        )
+    mlflow = MlflowClient(opts.pop("tracking_uri"))
+    destination = opts.pop("artifacts_destination")
+    timeout = float(opts.pop("timeout_s", 600))
+    poll = float(opts.pop("poll_s", 5))
+    api = KubeApi.from_config()
+    records = []
+    for k in chosen:
+        reg = versions[k]
+        uri = storage_uri(mlflow, reg["name"], reg["version"], destination)
+        spec = DeploySpec.for_model(reg["name"], namespace, uri, **opts)
+        result = deploy_inference_service(api, spec, reg["version"], timeout_s=timeout, poll_s=poll)
+        records.append({"student": k, "name": reg["name"], "version": reg["version"], "url": result.url})
+    return records
 
 
 def deploy(
@@ -421,22 +484,28 @@ def deploy(
     *,
     mode: str,
     serving_dir: str | Path = "",
+    cluster_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Serve each chosen student; returns ``{student, name, version, url}`` records.
 
     ``local``: one KServe model server per student on 127.0.0.1 (the quick start). The new server is
     started and health-checked before the one serving an older version of that model is stopped, so a
     failed deploy leaves the previous version serving.
+    ``cluster``: one InferenceService per student on our ServingRuntime, its ``storageUri`` the registered
+    version's files; a new version rolls out as a canary, is promoted once ready, and is rolled back on
+    failure so the previous version keeps serving (:mod:`bockd.serving.deploy`).
     """
     if mode not in DEPLOY_MODES:
         raise ConfigError(f"deploy_mode: expected one of {', '.join(DEPLOY_MODES)}, got {mode!r}")
     if mode == "none" or not chosen:
         return []
+    versions = {int(r["student"]): r for r in registrations}
+    if mode == "cluster":
+        return _deploy_cluster(Path(model_dir), chosen, versions, cluster_options or {})
     if not serving_dir:
         raise ConfigError("local_serving_dir: local deployment needs a folder for the servers' state")
     from bockd.serving.local import start_local_server, stop_local_server
 
-    versions = {int(r["student"]): r for r in registrations}
     root = Path(serving_dir)
     records = []
     for k in chosen:

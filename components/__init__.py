@@ -2,7 +2,7 @@
 
 The functions in these files are plain Python; :func:`make_components` turns them into lightweight KFP
 components on a pinned image. Nothing is installed at run time (no ``packages_to_install``, no kfp
-install): the trainer and serving images carry bockd and the kfp runtime.
+install): the trainer image carries bockd, kfp, MLflow and the KServe SDK.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class Components:
     deploy: dsl.base_component.BaseComponent
 
 
-def make_components(trainer_image: str, serving_image: str) -> Components:
-    """Every step as a KFP component: deploy on ``serving_image``, every other step on ``trainer_image``."""
+def make_components(trainer_image: str) -> Components:
+    """Every step as a KFP component on ``trainer_image`` (bockd with the pipeline and serving extras)."""
     from bockd.components.deploy import deploy
 
     def on(image: str, func: object) -> dsl.base_component.BaseComponent:
@@ -48,5 +48,5 @@ def make_components(trainer_image: str, serving_image: str) -> Components:
         register=on(trainer_image, register),
         select=on(trainer_image, select),
         report=on(trainer_image, report),
-        deploy=on(serving_image, deploy),
+        deploy=on(trainer_image, deploy),
     )

@@ -1,4 +1,4 @@
-"""deploy: put the selected students behind endpoints (a local KServe model server per student)."""
+"""deploy: the selected students behind KServe endpoints (InferenceServices, or local model servers)."""
 
 from kfp.dsl import Artifact, Input, Model, Output
 
@@ -9,6 +9,10 @@ def deploy(
     registrations: Input[Artifact],
     deploy_mode: str,
     local_serving_dir: str,
+    serving_namespace: str,
+    deploy_options: dict,
+    mlflow_tracking_uri: str,
+    mlflow_artifacts_destination: str,
     endpoints: Output[Artifact],
 ) -> list:
     """Returns one record per deployed student: name, version, url."""
@@ -20,7 +24,20 @@ def deploy(
         chosen = json.load(f)["chosen"]
     with open(registrations.path) as f:
         registered = json.load(f)
-    records = run(model.path, chosen, registered, mode=deploy_mode, serving_dir=local_serving_dir)
+    cluster = {
+        **deploy_options,
+        "namespace": serving_namespace,
+        "tracking_uri": mlflow_tracking_uri,
+        "artifacts_destination": mlflow_artifacts_destination,
+    }
+    records = run(
+        model.path,
+        chosen,
+        registered,
+        mode=deploy_mode,
+        serving_dir=local_serving_dir,
+        cluster_options=cluster,
+    )
     with open(endpoints.path, "w") as f:
         json.dump(records, f, indent=2)
     endpoints.metadata["urls"] = {r["name"]: r["url"] for r in records}

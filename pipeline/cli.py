@@ -54,8 +54,6 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
 def _baselines(text: str, num_students: int) -> list[int]:
     if text == "all":
         return list(range(1, num_students + 1))
-    if text == "none":
-        return []
     try:
         return [int(s) for s in text.split(",")]
     except ValueError:
@@ -102,7 +100,6 @@ def _settings(args: argparse.Namespace) -> Any:
         )
     return PipelineSettings(
         trainer_image=args.trainer_image,
-        serving_image=args.serving_image,
         gpu=gpu,
         s3_secret=args.s3_secret or None,
         mlflow_secret=args.mlflow_secret or None,
@@ -157,10 +154,27 @@ def _client(args: argparse.Namespace) -> Any:
     return cluster.connect(args.host, namespace=args.namespace, token_env=args.token_env)
 
 
+def _cluster_deploy(args: argparse.Namespace) -> dict[str, Any]:
+    options = {}
+    for pair in args.deploy_option or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"--deploy-option: expected KEY=VALUE (e.g. canary_traffic_percent=20), got {pair!r}"
+            )
+        options[key] = yaml.safe_load(value)
+    return {
+        "deploy_mode": args.deploy,
+        "serving_namespace": args.serving_namespace or args.namespace or "",
+        "deploy_options": options,
+        "mlflow_artifacts_destination": args.mlflow_artifacts,
+    }
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from bockd.pipeline import cluster
 
-    params = _run_parameters(args)
+    params = _run_parameters(args, **_cluster_deploy(args))
     params.check_buckets(required=False)
     with tempfile.TemporaryDirectory() as tmp:
         package = _compile(args, Path(tmp) / "pipeline.yaml")
@@ -180,7 +194,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from bockd.pipeline import cluster
 
     cron = cluster.validate_cron(args.cron)
-    params = _run_parameters(args)
+    params = _run_parameters(args, **_cluster_deploy(args))
     params.check_buckets(required=False)
     with tempfile.TemporaryDirectory() as tmp:
         package = _compile(args, Path(tmp) / "pipeline.yaml")
@@ -233,7 +247,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int)
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config value, e.g. optim.lr=0.05")
     g = p.add_argument_group("the rest of the run")
-    g.add_argument("--baselines", default="all", help="all, none, or student numbers like 1,3 (default all)")
+    g.add_argument(
+        "--baselines", default="all", help="all, or student numbers like 1,5 (default all; at least one)"
+    )
     g.add_argument(
         "--policy",
         help="selection policy, inline YAML or @file (default: "
@@ -248,12 +264,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
-    from bockd.pipeline.settings import DEFAULT_SERVING_IMAGE, DEFAULT_TRAINER_IMAGE, GpuNode
+    from bockd.pipeline.settings import DEFAULT_TRAINER_IMAGE, GpuNode
 
     gpu = GpuNode()
     g = p.add_argument_group("cluster settings (compiled into the pipeline)")
     g.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE)
-    g.add_argument("--serving-image", default=DEFAULT_SERVING_IMAGE)
     g.add_argument("--gpu-type", default=gpu.accelerator, help="accelerator resource name")
     g.add_argument("--gpus", type=int, default=gpu.count, help="GPUs per training task (0: CPU)")
     g.add_argument("--node-selector", action="append", metavar="LABEL=VALUE", help="repeatable")
@@ -267,6 +282,24 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlflow-secret", default="bockd-mlflow", help="optional Secret with MLFLOW_TRACKING_*")
     g.add_argument("--s3-endpoint", default="http://minio-service.kubeflow:9000")
     g.add_argument("--retries", type=int, default=3, help="retries of register, select, deploy")
+
+
+def _deploy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("deployment of the selected students (KServe InferenceServices)")
+    g.add_argument("--deploy", choices=["cluster", "none"], default="cluster")
+    g.add_argument("--serving-namespace", help="where the InferenceServices go (default: --namespace)")
+    g.add_argument(
+        "--deploy-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="canary_traffic_percent, deployment_mode (Knative|Standard), min_replicas, max_replicas, "
+        "scale_metric, scale_target, service_account, runtime, backend, timeout_s",
+    )
+    g.add_argument(
+        "--mlflow-artifacts",
+        default="s3://bockd/mlflow",
+        help="the MLflow server's --artifacts-destination (where registered files live in S3)",
+    )
 
 
 def _host_options(p: argparse.ArgumentParser) -> None:
@@ -298,6 +331,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--experiment", default="bockd", help="KFP experiment")
     p.add_argument("--run-name", default="bockd")
     _run_options(p)
+    _deploy_options(p)
     _cluster_options(p)
     p.set_defaults(func=cmd_submit)
 
@@ -309,6 +343,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--pipeline-name", default="bockd")
     p.add_argument("--version", choices=["pin", "latest"], default="pin", help="pipeline version to run")
     _run_options(p)
+    _deploy_options(p)
     _cluster_options(p)
     p.set_defaults(func=cmd_schedule)
 

@@ -14,13 +14,34 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bockd.config import format_validation_errors
-from bockd.errors import ConfigError
+from bockd.errors import BockdError, ConfigError
 from bockd.selection import Policy
 from bockd.storage import check_bucket, endpoint_from_env, is_s3_uri
 
 log = logging.getLogger("bockd.pipeline")
 
 CLUSTER_MLFLOW_URI = "http://mlflow.bockd.svc.cluster.local:5000"  # the MLflow Service in manifests/
+
+
+def _check_deploy_options(options: dict[str, Any]) -> None:
+    """Unknown keys or values an InferenceService would refuse fail here, not in the deploy step."""
+    from bockd.serving.deploy import DeploySpec
+    from bockd.steps import CLUSTER_DEPLOY_OPTIONS
+
+    unknown = sorted(set(options) - set(CLUSTER_DEPLOY_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"deploy_options: unknown keys {unknown}; expected some of {', '.join(CLUSTER_DEPLOY_OPTIONS)}"
+        )
+    spec = {k: v for k, v in options.items() if k not in ("timeout_s", "poll_s")}
+    try:
+        DeploySpec("check", "check", "s3://check/model", **spec)
+    except (BockdError, TypeError, ValueError) as err:
+        raise ConfigError(f"deploy_options: {err}") from None
+    for key in ("timeout_s", "poll_s"):
+        seconds = options.get(key, 1)
+        if not isinstance(seconds, int | float) or seconds <= 0:
+            raise ConfigError(f"deploy_options.{key}: expected seconds > 0, got {seconds!r}")
 
 
 class RunParameters(BaseModel):
@@ -36,8 +57,11 @@ class RunParameters(BaseModel):
     mlflow_experiment: str = Field("bockd", min_length=1)
     checkpoint_uri: str = ""
     eval_device: str = "cpu"
-    deploy_mode: Literal["none", "local"] = "none"
+    deploy_mode: Literal["none", "local", "cluster"] = "none"
     local_serving_dir: str = ""
+    serving_namespace: str = Field("", pattern=r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$")
+    deploy_options: dict[str, Any] = Field(default_factory=dict)
+    mlflow_artifacts_destination: str = Field("s3://bockd/mlflow", pattern=r"^s3://[^/\s]+(/\S*)?$")
 
     @classmethod
     def build(cls, **values: Any) -> RunParameters:
@@ -55,6 +79,13 @@ class RunParameters(BaseModel):
         except ConfigError as err:
             raise ConfigError(f"train_config: {err}") from None
         n = config["model"]["num_students"]
+        if not params.baseline_students:
+            # kfp.local cannot collect the outputs of a loop that ran zero times, so the pipeline needs
+            # at least one baseline; the smallest student's is the cheapest (and the most telling).
+            raise ConfigError(
+                f"baseline_students: give at least one student (1..{n}); e.g. [{n}] trains only the "
+                "smallest student alone, the cheapest baseline"
+            )
         bad = [s for s in params.baseline_students if not 1 <= s <= n]
         if bad or len(set(params.baseline_students)) != len(params.baseline_students):
             raise ConfigError(
@@ -66,6 +97,7 @@ class RunParameters(BaseModel):
             raise ConfigError(f"checkpoint_uri: expected s3://bucket/prefix, got {params.checkpoint_uri!r}")
         if params.deploy_mode == "local" and not params.local_serving_dir:
             raise ConfigError("local_serving_dir: deploy_mode 'local' needs a folder for the servers' state")
+        _check_deploy_options(params.deploy_options)
         if not re.fullmatch(r"cpu|cuda(:\d+)?|auto", params.eval_device):
             raise ConfigError(f"eval_device: expected cpu, cuda, cuda:N or auto, got {params.eval_device!r}")
         return params.model_copy(update={"train_config": config})

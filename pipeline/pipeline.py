@@ -77,7 +77,7 @@ def _retried(task: dsl.PipelineTask, settings: PipelineSettings) -> dsl.Pipeline
 def build_pipeline(settings: PipelineSettings | None = None) -> Any:
     """The pipeline function (a KFP GraphComponent) for ``settings``."""
     settings = settings or PipelineSettings()
-    c = make_components(settings.trainer_image, settings.serving_image)
+    c = make_components(settings.trainer_image)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="BOC-KD: one training run, a family of compressed students")
     def bockd_pipeline(
@@ -91,6 +91,9 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
         eval_device: str = "cpu",
         deploy_mode: str = "none",
         local_serving_dir: str = "",
+        serving_namespace: str = "",
+        deploy_options: dict = {},  # noqa: B006
+        mlflow_artifacts_destination: str = "s3://bockd/mlflow",
     ) -> PipelineOutputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         data = _with_secrets(c.prepare_data(train_config=train_config), settings)
@@ -173,6 +176,10 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
             registrations=reg.outputs["registrations"],
             deploy_mode=deploy_mode,
             local_serving_dir=local_serving_dir,
+            serving_namespace=serving_namespace,
+            deploy_options=deploy_options,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            mlflow_artifacts_destination=mlflow_artifacts_destination,
         )
         _retried(_with_secrets(dep, settings), settings).set_display_name("deploy")
 

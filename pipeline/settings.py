@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 PIPELINE_NAME = "bockd"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/bockd/bockd-trainer:0.1.0"
-DEFAULT_SERVING_IMAGE = "ghcr.io/bockd/bockd-serving:0.1.0"
+DEFAULT_SERVING_IMAGE = "ghcr.io/bockd/bockd-serving:0.1.0"  # the ServingRuntime's (manifests/)
 # Keys the S3 secret must hold; the tasks see them under the same names.
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # Optional keys of the MLflow secret (a tracking server behind basic auth or a token).
@@ -29,7 +29,6 @@ class GpuNode:
 @dataclass(frozen=True)
 class PipelineSettings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
-    serving_image: str = DEFAULT_SERVING_IMAGE
     gpu: GpuNode | None = field(default_factory=GpuNode)  # None: training on CPU (local runs)
     s3_secret: str | None = "bockd-s3"  # None: no Kubernetes secrets (local runs read the environment)
     mlflow_secret: str | None = "bockd-mlflow"

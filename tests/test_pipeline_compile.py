@@ -33,7 +33,6 @@ def compile_to(tmp_path: Path, settings: PipelineSettings | None = None) -> tupl
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, dict]:
     settings = PipelineSettings(
         trainer_image="registry.example.com/bockd/trainer:1.2.3",
-        serving_image="registry.example.com/bockd/serving:1.2.3",
         gpu=GpuNode(
             accelerator="nvidia.com/gpu",
             count=2,
@@ -131,7 +130,6 @@ def test_caching_off_for_data_and_training_retries_on_network_steps(compiled: tu
 def test_pinned_images_and_nothing_installed_at_run_time(compiled: tuple[str, dict, dict]) -> None:
     text, spec, _ = compiled
     images = {e: x["container"]["image"] for e, x in spec["deploymentSpec"]["executors"].items()}
-    assert images.pop("exec-deploy") == "registry.example.com/bockd/serving:1.2.3"
     assert set(images.values()) == {"registry.example.com/bockd/trainer:1.2.3"}
     assert "pip install" not in text
     assert ":latest" not in text

@@ -17,6 +17,10 @@ def smoke(**model: object) -> dict:
     return {"preset": "smoke", "model": dict(model)}
 
 
+def build(**values: object) -> RunParameters:
+    return RunParameters.build(**{"baseline_students": [1], **values})
+
+
 def test_valid_parameters_resolve_the_full_config() -> None:
     p = RunParameters.build(
         train_config=smoke(num_students=3), baseline_students=[1, 3], mlflow_tracking_uri=MLFLOW
@@ -34,12 +38,15 @@ def test_valid_parameters_resolve_the_full_config() -> None:
         ({"train_config": smoke(num_students=1)}, "model.num_students"),
         ({"train_config": {"preset": "nope"}}, "preset"),
         ({"train_config": smoke(), "baseline_students": [0]}, "baseline_students"),
+        ({"train_config": smoke(), "baseline_students": []}, "at least one student"),
         ({"train_config": smoke(num_students=3), "baseline_students": [4]}, "baseline_students"),
         ({"train_config": smoke(), "baseline_students": [2, 2]}, "baseline_students"),
         ({"train_config": smoke(), "selection_policy": {"best": True}}, "best"),
         ({"train_config": smoke(), "selection_policy": {"min_top1": 101}}, "min_top1"),
         ({"train_config": smoke(), "checkpoint_uri": "/tmp/ckpt"}, "checkpoint_uri"),
-        ({"train_config": smoke(), "deploy_mode": "cluster"}, "deploy_mode"),
+        ({"train_config": smoke(), "deploy_mode": "kubernetes"}, "deploy_mode"),
+        ({"train_config": smoke(), "deploy_options": {"replicas": 2}}, "deploy_options"),
+        ({"train_config": smoke(), "deploy_options": {"deployment_mode": "Fast"}}, "deployment_mode"),
         ({"train_config": smoke(), "deploy_mode": "local"}, "local_serving_dir"),
         ({"train_config": smoke(), "model_prefix": "bad prefix"}, "model_prefix"),
         ({"train_config": smoke(), "eval_device": "tpu"}, "eval_device"),
@@ -48,13 +55,13 @@ def test_valid_parameters_resolve_the_full_config() -> None:
 )
 def test_bad_parameters_name_the_field(values: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
-        RunParameters.build(mlflow_tracking_uri=MLFLOW, **values)
+        build(mlflow_tracking_uri=MLFLOW, **values)
 
 
 def test_mlflow_uri_defaults_to_the_cluster_service_and_must_be_http() -> None:
-    assert RunParameters.build(train_config=smoke()).mlflow_tracking_uri.startswith("http://mlflow.")
+    assert build(train_config=smoke()).mlflow_tracking_uri.startswith("http://mlflow.")
     with pytest.raises(ConfigError, match="mlflow_tracking_uri"):
-        RunParameters.build(train_config=smoke(), mlflow_tracking_uri="mlflow:5000")
+        build(train_config=smoke(), mlflow_tracking_uri="mlflow:5000")
 
 
 @pytest.mark.parametrize(
@@ -88,17 +95,13 @@ def test_schedule_rejects_a_malformed_cron_before_any_request(capsys: pytest.Cap
 def test_missing_bucket_is_rejected(mlflow_stack: object, tmp_path: Path) -> None:
     """Against the real local S3 server: a data source or checkpoint bucket that does not exist."""
     config = {**smoke(), "data": {"dataset": "cifar10", "path": "s3://no-such-bucket/cifar10"}}
-    params = RunParameters.build(train_config=config, mlflow_tracking_uri=MLFLOW)
+    params = build(train_config=config, mlflow_tracking_uri=MLFLOW)
     with pytest.raises(
         BockdError, match=r"train_config\.data\.path: the S3 bucket 'no-such-bucket' does not exist"
     ):
         params.check_buckets()
-    params = RunParameters.build(
-        train_config=smoke(), mlflow_tracking_uri=MLFLOW, checkpoint_uri="s3://missing-ckpt/x"
-    )
+    params = build(train_config=smoke(), mlflow_tracking_uri=MLFLOW, checkpoint_uri="s3://missing-ckpt/x")
     with pytest.raises(BockdError, match="checkpoint_uri: the S3 bucket 'missing-ckpt'"):
         params.check_buckets()
-    ok = RunParameters.build(
-        train_config=smoke(), mlflow_tracking_uri=MLFLOW, checkpoint_uri="s3://bockd/ckpt"
-    )
+    ok = build(train_config=smoke(), mlflow_tracking_uri=MLFLOW, checkpoint_uri="s3://bockd/ckpt")
     ok.check_buckets()
