@@ -36,6 +36,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
