@@ -15,6 +15,7 @@ from bockd.components.register import register
 from bockd.components.report import report
 from bockd.components.select import select
 from bockd.components.train_baseline import train_baseline
+from bockd.components.train_distributed import train_distributed
 from bockd.components.train_ensemble import train_ensemble
 from kfp import dsl
 
@@ -25,6 +26,7 @@ __all__ = ["Components", "make_components"]
 class Components:
     prepare_data: dsl.base_component.BaseComponent
     train_ensemble: dsl.base_component.BaseComponent
+    train_distributed: dsl.base_component.BaseComponent
     train_baseline: dsl.base_component.BaseComponent
     evaluate: dsl.base_component.BaseComponent
     register: dsl.base_component.BaseComponent
@@ -43,6 +45,7 @@ def make_components(trainer_image: str) -> Components:
     return Components(
         prepare_data=on(trainer_image, prepare_data),
         train_ensemble=on(trainer_image, train_ensemble),
+        train_distributed=on(trainer_image, train_distributed),
         train_baseline=on(trainer_image, train_baseline),
         evaluate=on(trainer_image, evaluate),
         register=on(trainer_image, register),

@@ -105,6 +105,8 @@ def _settings(args: argparse.Namespace) -> Any:
         mlflow_secret=args.mlflow_secret or None,
         s3_endpoint=args.s3_endpoint,
         retries=args.retries,
+        num_nodes=args.num_nodes,
+        staging_uri=args.staging_uri,
     )
 
 
@@ -282,6 +284,10 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlflow-secret", default="bockd-mlflow", help="optional Secret with MLFLOW_TRACKING_*")
     g.add_argument("--s3-endpoint", default="http://minio-service.kubeflow:9000")
     g.add_argument("--retries", type=int, default=3, help="retries of register, select, deploy")
+    g.add_argument(
+        "--num-nodes", type=int, default=1, help="training nodes; >1 (or --gpus >1) trains through a TrainJob"
+    )
+    g.add_argument("--staging-uri", default="s3://bockd/staging", help="TrainJob request, data copy, outputs")
 
 
 def _deploy_options(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ cluster-side choices (images, GPU node, secrets, retries). Everything a run vari
 baselines, selection policy, MLflow target, deploy mode) is a pipeline parameter.
 """
 
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from bockd.components import make_components
@@ -69,6 +70,28 @@ def _on_gpu_node(task: dsl.PipelineTask, gpu: GpuNode | None) -> dsl.PipelineTas
     return task
 
 
+def _trainjob_args(settings: PipelineSettings) -> dict[str, Any]:
+    """The launcher's arguments: the TrainJob it creates carries the GPU node settings, not its own pod."""
+    gpu = settings.gpu
+    assert gpu is not None
+    tolerations = (
+        [{"key": gpu.toleration, "operator": "Exists", "effect": "NoSchedule"}] if gpu.toleration else []
+    )
+    return {
+        "staging_uri": settings.staging_uri,
+        "trainer_image": settings.trainer_image,
+        "node_selector": dict(gpu.node_selector),
+        "tolerations": tolerations,
+        "num_nodes": settings.num_nodes,
+        "gpus_per_node": gpu.count,
+        "cpu_request": gpu.cpu_request,
+        "memory_request": gpu.memory_request,
+        "shm_size": gpu.shm_size,
+        "s3_secret": settings.s3_secret or "",
+        "mlflow_secret": settings.mlflow_secret or "",
+    }
+
+
 def _retried(task: dsl.PipelineTask, settings: PipelineSettings) -> dsl.PipelineTask:
     # Registry and serving calls cross the network: transient failures are retried with backoff.
     return task.set_retry(settings.retries, backoff_duration="30s", backoff_factor=2.0)
@@ -100,15 +123,18 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
         data.set_caching_options(False)  # the source may change under the same name
         data.set_display_name("prepare data")
 
-        ensemble = c.train_ensemble(
-            train_config=train_config,
-            dataset=data.outputs["dataset"],
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            mlflow_experiment=mlflow_experiment,
-            checkpoint_uri=checkpoint_uri,
-            pipeline_run_id=run_id,
-        )
-        _on_gpu_node(_with_secrets(ensemble, settings), settings.gpu)
+        training = {
+            "train_config": train_config,
+            "dataset": data.outputs["dataset"],
+            "mlflow_tracking_uri": mlflow_tracking_uri,
+            "mlflow_experiment": mlflow_experiment,
+            "checkpoint_uri": checkpoint_uri,
+            "pipeline_run_id": run_id,
+        }
+        if settings.distributed:
+            ensemble = _with_secrets(c.train_distributed(**training, **_trainjob_args(settings)), settings)
+        else:
+            ensemble = _on_gpu_node(_with_secrets(c.train_ensemble(**training), settings), settings.gpu)
         ensemble.set_caching_options(False).set_display_name("train ensemble")
 
         with dsl.ParallelFor(baseline_students, parallelism=1 if settings.gpu is None else 0) as k:
@@ -119,7 +145,8 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
                 checkpoint_uri=checkpoint_uri,
                 pipeline_run_id=run_id,
             )
-            _on_gpu_node(_with_secrets(baseline, settings), settings.gpu)
+            # One student alone never needs more than one GPU (and baselines are not distributed).
+            _on_gpu_node(_with_secrets(baseline, settings), settings.gpu and replace(settings.gpu, count=1))
             baseline.set_caching_options(False).set_display_name("train baseline")
 
         # A dsl.Collected may feed only one task: each consumer gets its own.

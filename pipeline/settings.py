@@ -34,3 +34,11 @@ class PipelineSettings:
     mlflow_secret: str | None = "bockd-mlflow"
     s3_endpoint: str = "http://minio-service.kubeflow:9000"
     retries: int = 3
+    # More than one node or GPU: training runs as a Kubeflow Trainer TrainJob (torchrun + DDP) that a
+    # light launcher task creates and watches; its dataset copy, request and outputs go to staging_uri.
+    num_nodes: int = 1
+    staging_uri: str = "s3://bockd/staging"
+
+    @property
+    def distributed(self) -> bool:
+        return self.gpu is not None and (self.num_nodes > 1 or self.gpu.count > 1)

@@ -35,7 +35,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, dict]
         trainer_image="registry.example.com/bockd/trainer:1.2.3",
         gpu=GpuNode(
             accelerator="nvidia.com/gpu",
-            count=2,
+            count=1,
             node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
             cpu_request="12",
             memory_request="64Gi",
@@ -62,7 +62,7 @@ def test_training_tasks_ask_for_the_gpu_node(compiled: tuple[str, dict, dict]) -
     for executor in TRAINING:
         resources = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        assert resources["accelerator"]["resourceCount"] == "2"
+        assert resources["accelerator"]["resourceCount"] == "1"
         assert resources["resourceCpuRequest"] == "12"
         assert resources["resourceMemoryRequest"] == "64Gi"
         k8s = platform[executor]
@@ -170,8 +170,8 @@ def test_compile_cli_options_reach_the_yaml(tmp_path: Path) -> None:
         "compile",
         "-o",
         str(out),
-        "--gpus",
-        "4",
+        "--gpu-type",
+        "amd.com/gpu",
         "--node-selector",
         "cloud.google.com/gke-accelerator=nvidia-a100",
     ]
@@ -180,10 +180,37 @@ def test_compile_cli_options_reach_the_yaml(tmp_path: Path) -> None:
     spec, platform = yaml.safe_load_all(out.read_text())
     executors: dict[str, Any] = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     train = spec["deploymentSpec"]["executors"]["exec-train-ensemble"]["container"]
-    assert train["resources"]["accelerator"]["resourceCount"] == "4"
+    assert train["resources"]["accelerator"]["resourceType"] == "amd.com/gpu"
     assert train["image"] == "example.com/t:9"
     assert executors["exec-train-ensemble"]["nodeSelector"]["labels"] == {
         "cloud.google.com/gke-accelerator": "nvidia-a100"
     }
     assert "tolerations" not in executors["exec-train-ensemble"]
     assert executors["exec-register"]["secretAsEnv"][0]["secretName"] == "other-s3"
+
+
+def test_several_gpus_train_through_a_trainjob_launcher(tmp_path: Path) -> None:
+    """--gpus 4 --num-nodes 2: a light launcher task creates the TrainJob; it asks for no GPU itself."""
+    gpu = GpuNode(count=4, node_selector={"pool": "h100"})
+    _, spec, platform = compile_to(
+        tmp_path, PipelineSettings(gpu=gpu, num_nodes=2, staging_uri="s3://b/stage")
+    )
+    executors = spec["deploymentSpec"]["executors"]
+    assert "exec-train-ensemble" not in executors
+    assert "accelerator" not in executors["exec-train-distributed"]["container"].get("resources", {})
+    assert "tolerations" not in platform["exec-train-distributed"]
+    assert {r["secretName"] for r in platform["exec-train-distributed"]["secretAsEnv"]} == {
+        "bockd-s3",
+        "bockd-mlflow",
+    }
+    inputs = _tasks(spec)["train-distributed"]["inputs"]["parameters"]
+    constant = {k: v["runtimeValue"]["constant"] for k, v in inputs.items() if "runtimeValue" in v}
+    assert constant["num_nodes"] == 2 and constant["gpus_per_node"] == 4
+    assert constant["node_selector"] == {"pool": "h100"}
+    assert constant["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert constant["staging_uri"] == "s3://b/stage"
+    # Baselines train one student each: one GPU on one node.
+    baseline = executors["exec-train-baseline"]["container"]["resources"]["accelerator"]
+    assert baseline["resourceCount"] == "1"

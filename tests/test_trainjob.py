@@ -1,0 +1,512 @@
+"""The multi-node launcher: the Kubeflow Trainer TrainJob bockd builds; how it is created, watched, deleted.
+
+No Kubernetes API server (nor Trainer controller) can run here, so these tests use a TEST DOUBLE:
+`FakeTrainer`, an HTTP server on 127.0.0.1 that answers exactly the API paths bockd uses
+(``/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs[/{name}]``, GET/POST/DELETE), stores the
+objects, validates every object written against the real Trainer CRD schema (HTTP 422 otherwise, like an
+API server) and every status it makes up, records every request, and plays the Trainer controller: the
+status advances on successive GETs (Created, then Complete after n polls; Failed with a reason; or never
+finishing). The real Kubernetes client (``CustomObjectsApi``) talks to it over HTTP. The end-to-end test
+also plays the training pods: on the way to Complete it runs the worker entry in-process (RANK unset,
+rank 0) against the real local S3 and MLflow servers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bockd.errors import BockdError, ConfigError
+from bockd.serving.crd import CrdValidationError, validate_against_crd
+from bockd.trainjob import (
+    GPU_RESOURCE,
+    RUNTIME,
+    TrainJobApi,
+    TrainJobError,
+    TrainJobSpec,
+    build_trainjob,
+    describe,
+    run_trainjob,
+    trainjob_name,
+)
+
+CRD = Path("/work/shared/schemas/trainer.kubeflow.org_trainjobs.yaml")
+if not CRD.is_file():  # the checkout's shared/ folder, where the tests run elsewhere
+    CRD = Path(__file__).resolve().parents[1] / "shared" / "schemas" / CRD.name
+pytestmark = pytest.mark.skipif(not CRD.is_file(), reason=f"no Trainer CRD at {CRD}")
+
+NS = "kubeflow-user"
+RUN_ID = "3f2a9c1e-7b4d-4e8a-9c2f-1a2b3c4d5e6f"
+IMAGE = "ghcr.io/bockd/bockd-trainer:0.1.0"
+REQUEST = f"s3://bockd-staging/{RUN_ID}/ensemble/request.json"
+POLL = 0.01
+TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+SELECTOR = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+_PATH = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
+_TIME = "2026-11-24T12:00:00Z"
+
+
+# ------------------------------------------------------------------------------------------ test double
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str
+    body: Any
+
+
+def _condition(kind: str, reason: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _TIME}
+
+
+@dataclass
+class FakeTrainer:
+    """Test double of the Kubernetes API server + Trainer controller (no API server can run here).
+
+    ``outcome``: ``complete`` (after ``complete_after`` GETs), ``fail`` (after as many, reason
+    ``fail_reason``) or ``hang`` (running forever). ``on_complete`` runs once just before a job completes.
+    """
+
+    outcome: str = "complete"
+    complete_after: int = 3
+    fail_reason: str = "FailedJobs"
+    host: str = ""
+    on_complete: Callable[[dict[str, Any]], None] | None = None
+    objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    _gets: dict[tuple[str, str], int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def handle(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+        route, _, query = path.partition("?")
+        with self._lock:
+            self.requests.append(Request(method, route, query, copy.deepcopy(body)))
+            m = _PATH.match(route)
+            if not m:
+                return 404, _status(404, f"no route {path}")
+            ns, name = m.group(1), m.group(2)
+            if method == "POST" and name is None:
+                return self._create(ns, body)
+            if name is None:
+                return 405, _status(405, "only GET/DELETE of one object and POST to the collection")
+            if (ns, name) not in self.objects:
+                return 404, _status(404, f'trainjobs.trainer.kubeflow.org "{name}" not found')
+            if method == "GET":
+                self._reconcile(ns, name)
+                return 200, copy.deepcopy(self.objects[ns, name])
+            if method == "DELETE":
+                del self.objects[ns, name]
+                return 200, _status(200, "deleted") | {"status": "Success"}
+            return 405, _status(405, method)
+
+    def _create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        name = body["metadata"]["name"]
+        if (ns, name) in self.objects:
+            return 409, _status(409, f'trainjobs.trainer.kubeflow.org "{name}" already exists')
+        if body["metadata"].get("namespace", ns) != ns:
+            return 400, _status(400, "the namespace of the object does not match the request's")
+        try:  # what the API server does with a custom resource: check it against the CRD's schema
+            validate_against_crd(body, CRD)
+        except CrdValidationError as e:
+            self.rejected.append(str(e))
+            return 422, _status(422, str(e))
+        obj = copy.deepcopy(body)
+        obj["metadata"].update(namespace=ns, generation=1, uid=f"uid-{name}")
+        self.objects[ns, name] = obj
+        self._gets[ns, name] = 0
+        return 201, copy.deepcopy(obj)
+
+    def put(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
+        """Store an object as if an earlier attempt had created it and the controller had got this far."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        self.objects[ns, name] = copy.deepcopy(obj) | {"status": copy.deepcopy(status)}
+        self._gets[ns, name] = 1
+
+    # -- the Trainer controller
+
+    def _reconcile(self, ns: str, name: str) -> None:
+        obj = self.objects[ns, name]
+        status = obj.setdefault("status", {})
+        conditions = status.setdefault("conditions", [])
+        if any(c["type"] in ("Complete", "Failed") for c in conditions):
+            return
+        self._gets[ns, name] += 1
+        n = self._gets[ns, name]
+        nodes = obj["spec"]["trainer"].get("numNodes", 1)
+        if not conditions:
+            conditions.append(_condition("Created", "JobsCreationSucceeded", "Succeeded to create Jobs"))
+        running = {"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0, "suspended": 0}
+        status["jobsStatus"] = [running]
+        if n >= 2:
+            running["ready"] = nodes
+        if self.outcome == "hang" or n < self.complete_after:
+            pass
+        elif self.outcome == "fail":
+            running.update(active=0, ready=0, failed=1)
+            message = "jobset failed: job node-0 has failed (pod node-0-1 OOMKilled)"
+            conditions.append(_condition("Failed", self.fail_reason, message))
+        else:
+            if self.on_complete is not None:
+                self.on_complete(obj)
+            running.update(active=0, ready=0, succeeded=1)
+            conditions.append(_condition("Complete", "JobsCompleted", "jobset completed"))
+        try:  # the statuses this double makes up are ones the real CRD allows
+            validate_against_crd(obj, CRD)
+        except CrdValidationError as e:
+            self.rejected.append(str(e))
+
+    # -- what the tests look at
+
+    def calls(self, method: str) -> list[Request]:
+        return [r for r in self.requests if r.method == method]
+
+
+def _status(code: int, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": message}
+
+
+def _handler(fake: FakeTrainer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            code, payload = fake.handle(self.command, self.path, body)
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_DELETE = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet test output
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeTrainer]:
+    """The test double of the API server + Trainer controller (no Kubernetes API server can run here)."""
+    double = FakeTrainer()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(double))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    double.host = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield double
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert double.rejected == [], "a TrainJob bockd wrote (or a status the double made) broke the CRD"
+
+
+@pytest.fixture
+def api(fake: FakeTrainer) -> TrainJobApi:
+    from kubernetes import client
+
+    configuration = client.Configuration()
+    configuration.host = fake.host
+    return TrainJobApi.from_config(configuration)
+
+
+def spec_for(**kwargs: Any) -> TrainJobSpec:
+    options: dict[str, Any] = {
+        "num_nodes": 2,
+        "gpus_per_node": 4,
+        "tolerations": [TOLERATION],
+        "node_selector": SELECTOR,
+        "env": {"BOCKD_S3_ENDPOINT": "http://minio-service.kubeflow:9000"},
+    }
+    return TrainJobSpec.for_run(RUN_ID, NS, IMAGE, REQUEST, **(options | kwargs))
+
+
+def run(api: TrainJobApi, spec: TrainJobSpec, timeout_s: float = 10.0, **kwargs: Any) -> Any:
+    return run_trainjob(api, spec, timeout_s=timeout_s, poll_s=POLL, crd_path=CRD, **kwargs)
+
+
+def _pod_patch(obj: dict[str, Any]) -> dict[str, Any]:
+    (patch,) = obj["spec"]["runtimePatches"]
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert job["name"] == "node"
+    return job["template"]["spec"]["template"]["spec"]
+
+
+# ----------------------------------------------------------------------------------------- the resource
+
+
+def test_built_trainjob_matches_the_crd_and_carries_the_settings() -> None:
+    """No API server needed: the object validates against the Trainer CRD and holds every setting."""
+    obj = build_trainjob(spec_for(), CRD)
+    validate_against_crd(obj, CRD)
+    assert obj["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and obj["kind"] == "TrainJob"
+    assert obj["metadata"]["name"] == trainjob_name(RUN_ID) and obj["metadata"]["namespace"] == NS
+    assert obj["metadata"]["annotations"]["bockd.io/pipeline-run-id"] == RUN_ID
+    assert obj["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": RUNTIME,
+    }
+    trainer = obj["spec"]["trainer"]
+    assert trainer["image"] == IMAGE
+    assert trainer["command"] == ["torchrun"]
+    assert trainer["args"] == ["--module", "bockd.trainjob", "--request", REQUEST]
+    assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 4
+    assert trainer["resourcesPerNode"] == {
+        "requests": {"cpu": "8", "memory": "32Gi"},
+        "limits": {GPU_RESOURCE: "4"},
+    }
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["BOCKD_S3_ENDPOINT"]["value"] == "http://minio-service.kubeflow:9000"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key] == {
+            "name": key,
+            "valueFrom": {"secretKeyRef": {"name": "bockd-s3", "key": key, "optional": False}},
+        }
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "bockd-mlflow", "key": key, "optional": True}
+    assert all("value" not in e for e in trainer["env"] if "valueFrom" in e)  # names of secrets, no values
+    pod = _pod_patch(obj)
+    assert pod["nodeSelector"] == SELECTOR
+    assert pod["tolerations"] == [TOLERATION]
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
+    assert pod["containers"] == [
+        {"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}
+    ]
+    assert obj["spec"]["runtimePatches"][0]["manager"] == "bockd.io/launcher"
+
+
+def test_cpu_nodes_and_no_secrets() -> None:
+    """No API server needed: no GPUs gives one process per node and no GPU limit; secrets are optional."""
+    obj = build_trainjob(spec_for(gpus_per_node=0, s3_secret=None, mlflow_secret=None, tolerations=()), CRD)
+    trainer = obj["spec"]["trainer"]
+    assert trainer["numProcPerNode"] == 1 and "limits" not in trainer["resourcesPerNode"]
+    assert all("valueFrom" not in e for e in trainer["env"])
+    assert "tolerations" not in _pod_patch(obj)
+
+
+def test_names_are_dns_1035_stable_and_distinct() -> None:
+    """No API server needed: names fit the CRD's RFC 1035 rule, repeat per run id and differ between them."""
+    a, b = trainjob_name(RUN_ID), trainjob_name(RUN_ID.replace("6f", "70"))
+    assert a == trainjob_name(RUN_ID) and a != b
+    assert re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", a) and len(a) <= 40
+    assert trainjob_name("Run_42") == "bockd-run-42-ensemble"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_nodes": 0}, "num_nodes"),
+        ({"gpus_per_node": -1}, "gpus_per_node"),
+        ({"memory_request": "lots"}, "memory_request"),
+        ({"tolerations": [{"key": "x", "operator": "Sometimes"}]}, r"tolerations\[0\]"),
+        ({"env": {"AWS_SECRET_ACCESS_KEY": "hunter2"}}, "credentials"),
+        ({"node_selector": {"gpu": 1}}, "node_selector"),
+    ],
+)
+def test_bad_specs_are_rejected(kwargs: dict[str, Any], message: str) -> None:
+    """No API server needed: each bad setting fails with a ConfigError naming it."""
+    with pytest.raises(ConfigError, match=message):
+        spec_for(**kwargs)
+
+
+# -------------------------------------------------------------------------------------------- waiting
+
+
+def _logged_states(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bockd.trainjob" and ": " in r.getMessage()]
+
+
+def test_create_wait_complete(fake: FakeTrainer, api: TrainJobApi, caplog: pytest.LogCaptureFixture) -> None:
+    """Against the test double (no API server here): created once, watched, returns on Complete; each
+    status change is logged once."""
+    caplog.set_level(logging.INFO, logger="bockd.trainjob")
+    fake.complete_after = 4
+    spec = spec_for()
+    result = run(api, spec)
+    assert result.created and result.name == spec.name and result.reason == "JobsCompleted"
+    assert len(fake.calls("POST")) == 1 and fake.calls("DELETE") == []
+    assert fake.calls("POST")[0].path.endswith(f"/namespaces/{NS}/trainjobs")
+    assert len(fake.calls("GET")) >= 4
+    states = [m for m in _logged_states(caplog) if "Created=True" in m]
+    assert len(states) == len(set(states))  # logged on change only, although read on every poll
+    assert any("Complete=True (JobsCompleted)" in m for m in states)
+    assert len(states) < len(fake.calls("GET"))
+    assert (NS, spec.name) in fake.objects  # kept: its pods' logs stay readable
+
+
+def test_failed_job_names_the_reason_and_is_deleted(fake: FakeTrainer, api: TrainJobApi) -> None:
+    """Against the test double (no API server here): Failed raises a TrainJobError with the reason and
+    message, and the TrainJob is deleted."""
+    fake.outcome = "fail"
+    spec = spec_for()
+    with pytest.raises(TrainJobError, match=r"failed: reason FailedJobs: .*OOMKilled") as info:
+        run(api, spec)
+    assert isinstance(info.value, BockdError)
+    (delete,) = fake.calls("DELETE")
+    assert delete.path.endswith(f"/trainjobs/{spec.name}") and "propagationPolicy=Background" in delete.query
+    assert (NS, spec.name) not in fake.objects
+
+
+def test_timeout_deletes_the_job(fake: FakeTrainer, api: TrainJobApi) -> None:
+    """Against the test double (no API server here): a job that never finishes is deleted at the timeout."""
+    fake.outcome = "hang"
+    spec = spec_for()
+    with pytest.raises(TrainJobError, match=r"did not complete within 0\.05 s"):
+        run(api, spec, timeout_s=0.05)
+    assert len(fake.calls("DELETE")) == 1 and (NS, spec.name) not in fake.objects
+
+
+def test_cancel_deletes_the_job_and_reraises(fake: FakeTrainer, api: TrainJobApi) -> None:
+    """Against the test double (no API server here): a KeyboardInterrupt while waiting (raised from the poll
+    hook, as a cancelled run would) deletes the TrainJob and propagates."""
+    fake.outcome = "hang"
+    polls = []
+
+    def interrupt(obj: dict[str, Any]) -> None:
+        polls.append(obj)
+        if len(polls) == 3:
+            raise KeyboardInterrupt
+
+    spec = spec_for()
+    with pytest.raises(KeyboardInterrupt):
+        run(api, spec, on_poll=interrupt)
+    assert len(fake.calls("DELETE")) == 1 and (NS, spec.name) not in fake.objects
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals: main thread")
+def test_sigterm_deletes_the_job_and_restores_the_handler(fake: FakeTrainer, api: TrainJobApi) -> None:
+    """Against the test double (no API server here): SIGTERM (KFP cancelling the run stops the launcher pod
+    so) while waiting deletes the TrainJob, surfaces as KeyboardInterrupt, and the old handler comes back."""
+    fake.outcome = "hang"
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate(obj: dict[str, Any]) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(api, spec_for(), on_poll=terminate)
+    assert len(fake.calls("DELETE")) == 1 and fake.objects == {}
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _running() -> dict[str, Any]:
+    created = _condition("Created", "JobsCreationSucceeded", "Succeeded to create Jobs")
+    jobs = [{"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0, "suspended": 0}]
+    return {"conditions": [created], "jobsStatus": jobs}
+
+
+def test_existing_running_job_is_watched_not_recreated(fake: FakeTrainer, api: TrainJobApi) -> None:
+    """Against the test double (no API server here): a retried step finds its first attempt's TrainJob
+    running and waits for it, creating nothing."""
+    spec = spec_for()
+    fake.put(build_trainjob(spec), _running())
+    result = run(api, spec)
+    assert not result.created and result.reason == "JobsCompleted"
+    assert fake.calls("POST") == [] and fake.calls("DELETE") == []
+
+
+def test_existing_failed_job_is_deleted_and_recreated(fake: FakeTrainer, api: TrainJobApi) -> None:
+    """Against the test double (no API server here): a first attempt's TrainJob that already failed is
+    deleted and a new one created (it resumes from the S3 checkpoint)."""
+    spec = spec_for()
+    status = _running()
+    status["conditions"].append(_condition("Failed", "FailedJobs", "jobset failed"))
+    fake.put(build_trainjob(spec), status)
+    result = run(api, spec)
+    assert result.created
+    methods = [r.method for r in fake.requests]
+    assert methods.index("DELETE") < methods.index("POST") and methods.count("POST") == 1
+
+
+def test_describe_lists_conditions_and_jobs() -> None:
+    """No API server needed: the one-line summary that is logged on each change."""
+    assert describe({}) == "no status yet"
+    line = describe({"status": _running()})
+    jobs = "jobs node: active 1, ready 1, succeeded 0, failed 0, suspended 0"
+    assert line == f"Created=True (JobsCreationSucceeded); {jobs}"
+
+
+# ----------------------------------------------------------------------------------- end to end (one rank)
+
+
+def test_train_distributed_end_to_end_with_one_rank(
+    fake: FakeTrainer, api: TrainJobApi, mlflow_stack: Any, digits: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Real local S3 + MLflow; the Kubernetes API and Trainer controller are the test double, which plays the
+    training pod by running the worker entry in-process (RANK unset: rank 0) before reporting Complete.
+    The Model folder that comes back has train_ensemble's layout, and the MLflow run id is rank 0's."""
+    from mlflow import MlflowClient
+
+    from bockd import trainjob
+    from bockd.config import build_config
+    from bockd.engine import HISTORY, MODEL_CONFIG, SUMMARY, WEIGHTS
+    from bockd.storage import client
+
+    monkeypatch.delenv("RANK", raising=False)
+    minio = client()
+    if not minio.bucket_exists("bockd-staging"):
+        minio.make_bucket("bockd-staging")
+    data_dir = tmp_path / "dataset"
+    digits.save(data_dir)
+    config = {
+        "data": {"dataset": "digits"},
+        "model": {"arch": "resnet20", "num_students": 2},
+        "epochs": 1,
+        "batch_size": 64,
+        "runtime": {"progress": "off"},
+    }
+    raw = build_config("smoke", config).to_dict()
+    launched: list[dict[str, Any]] = []
+
+    def play_pods(obj: dict[str, Any]) -> None:
+        launched.append(obj)
+        assert trainjob.main(obj["spec"]["trainer"]["args"][2:]) == 0
+
+    fake.on_complete = play_pods
+    out = tmp_path / "model"
+    result = trainjob.train_distributed(
+        raw,
+        data_dir,
+        out,
+        staging_uri="s3://bockd-staging/runs",
+        image=IMAGE,
+        namespace=NS,
+        num_nodes=1,
+        gpus_per_node=0,
+        tracking_uri=mlflow_stack.mlflow_uri,
+        experiment="bockd-trainjob-test",
+        pipeline_run_id="run-e2e",
+        tags={"kfp.run_id": "run-e2e"},
+        api=api,
+        poll_s=POLL,
+        timeout_s=600,
+        mlflow_secret=None,
+    )
+    assert len(launched) == 1 and len(fake.calls("POST")) == 1
+    env = {e["name"]: e.get("value") for e in launched[0]["spec"]["trainer"]["env"]}
+    assert env["BOCKD_S3_ENDPOINT"] == mlflow_stack.s3_endpoint
+    assert result["students"] == [1, 2] and result["mlflow_run_id"]
+    for name in (WEIGHTS, MODEL_CONFIG, HISTORY, SUMMARY):
+        assert (out / name).is_file(), name
+    for k in (1, 2):
+        assert any((out / "students" / f"s{k}").iterdir())
+    run_ = MlflowClient(mlflow_stack.mlflow_uri).get_run(result["mlflow_run_id"])
+    assert run_.data.tags["kfp.run_id"] == "run-e2e"
