@@ -4,6 +4,16 @@ Speed by construction: the whole step stays on the device (loss terms and accura
 in device tensors and are read once per epoch), bf16 autocast and channels_last on CUDA, optional
 ``torch.compile``. Exact resume: data order and augmentation depend only on (seed, epoch), and a
 checkpoint holds model, optimizer, scheduler and RNG states, written atomically every k epochs.
+
+Distributed (``torchrun``, WORLD_SIZE > 1): one process per device, the model wrapped in
+DistributedDataParallel. ``batch_size`` stays the global batch: every rank trains on its slice of the
+single-process global batch (see ``bockd.data.loaders``), so one step of N ranks is the single-process
+step with BatchNorm statistics taken per rank slice (plain BatchNorm per rank, as DDP does by default and
+as the paper's multi-GPU setup would; running statistics are rank 0's, broadcast by DDP before every
+forward and after every epoch). Per-epoch metrics are sums and counts all-reduced over ranks, so they are
+the whole epoch's. Evaluation is sharded the same way and reduced (exact: it counts hits). Only rank 0
+reads and writes the workdir (checkpoint, outputs), logs and calls callbacks; the others wait at a
+barrier. Checkpoints hold the un-wrapped model, so a run resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bockd import distributed as dist
 from bockd.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -122,7 +133,14 @@ class Trainer:
         self.dataset = dataset
         self.workdir = Path(workdir)
         self.callbacks = list(callbacks)
-        self.device = resolve_device(config.runtime.device)
+        self.device = dist.init_from_env(resolve_device(config.runtime.device))
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
+        if config.batch_size % self.world_size:
+            raise ConfigError(
+                f"batch_size ({config.batch_size}) is the global batch and must be divisible by the world "
+                f"size ({self.world_size}): each rank processes batch_size / world_size samples per step"
+            )
         cuda = self.device.type == "cuda"
         self.amp = config.runtime.amp == "bf16" or (config.runtime.amp == "auto" and cuda)
         if self.amp and cuda and not torch.cuda.is_bf16_supported():
@@ -152,7 +170,20 @@ class Trainer:
         self.model.to(
             self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format
         )
-        self.forward = torch.compile(self.model) if config.runtime.compile else self.model
+        # Under DDP the training forward goes through the wrapper (gradient all-reduce, rank 0's buffers
+        # broadcast first); evaluation uses the plain module, whose buffers every rank holds identically.
+        # Every parameter gets a gradient each step (the hint adapters through the loss, outside the
+        # wrapper's forward, which DDP's per-parameter hooks handle), so find_unused_parameters stays off.
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        if self.world_size > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None
+            )
+        train_module = self.ddp if self.ddp is not None else self.model
+        self.forward = torch.compile(train_module) if config.runtime.compile else train_module
+        self.eval_forward = self.forward
+        if self.ddp is not None:
+            self.eval_forward = torch.compile(self.model) if config.runtime.compile else self.model
 
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -171,6 +202,8 @@ class Trainer:
             "seed": config.seed,
             "channels_last": self.channels_last,
             "num_workers": config.runtime.num_workers,
+            "rank": self.rank,
+            "world_size": self.world_size,
         }
         self.train_loader = BatchLoader(
             dataset.train,
@@ -230,15 +263,33 @@ class Trainer:
             },
         )
 
-    def _resume(self) -> None:
+    def _read_checkpoint(self) -> dict[str, Any] | None:
         path = self.workdir / CHECKPOINT
         if not path.exists():
-            return
-        state = load_checkpoint(path, map_location=self.device)
+            return None
+        state = load_checkpoint(path, map_location=self.device if self.world_size == 1 else "cpu")
         if state.get("identity") != self._identity:
             raise CheckpointError(
                 f"{path} was written by a different config or dataset; use another workdir or delete it"
             )
+        return state
+
+    def _resume(self) -> None:
+        path = self.workdir / CHECKPOINT
+        if self.world_size == 1:
+            state = self._read_checkpoint()
+        else:  # rank 0 reads (only it needs the workdir) and hands the state, or its error, to every rank
+            state, error = None, None
+            if self.is_main:
+                try:
+                    state = self._read_checkpoint()
+                except Exception as err:  # every rank must raise, not wait for a broadcast forever
+                    error = err
+            state, error = dist.broadcast_object((state, error))
+            if error is not None:
+                raise error
+        if state is None:
+            return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -249,36 +300,44 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()
-        if self.start_epoch >= self.config.epochs and self._outputs_written():
+        done = self.start_epoch >= self.config.epochs and self.is_main and self._outputs_written()
+        if dist.broadcast_object(done):
             # Finished before: same config and data (the resume checked). Nothing to train or rewrite,
             # so a re-run leaves every file as it was and calls no callback.
             log.info("%s already finished; nothing to do", self.workdir)
             return TrainResult(self.workdir, self.labels, list(self.history))
-        for cb in self.callbacks:
+        callbacks = self.callbacks if self.is_main else []
+        for cb in callbacks:
             _call(cb, "on_train_start", self)
         epochs = self.config.epochs
-        bar = self._progress_bar(epochs)
+        bar = self._progress_bar(epochs) if self.is_main else None
         for epoch in range(self.start_epoch, epochs):
             metrics = self._train_epoch(epoch, bar)
             for split, loader in self.eval_loaders.items():
                 metrics.update(self.evaluate(loader, split))
             self.history.append(metrics)
-            self._log_epoch(metrics, bar)
-            for cb in self.callbacks:
+            if self.is_main:
+                self._log_epoch(metrics, bar)
+            for cb in callbacks:
                 _call(cb, "on_epoch_end", self, metrics)
             if (epoch + 1) % self.config.runtime.checkpoint_every == 0 or epoch + 1 == epochs:
-                self.save_checkpoint(epoch + 1)
-                for cb in self.callbacks:
+                if self.is_main:
+                    self.save_checkpoint(epoch + 1)
+                for cb in callbacks:
                     _call(cb, "on_checkpoint", self, self.workdir / CHECKPOINT)
+                dist.barrier()
         if bar is not None:
             bar.close()
         result = TrainResult(self.workdir, self.labels, list(self.history))
-        self._write_outputs(result)
-        for cb in self.callbacks:
+        if self.is_main:
+            self._write_outputs(result)
+        for cb in callbacks:
             _call(cb, "on_train_end", self, result)
+        dist.barrier()
         return result
 
     def _train_epoch(self, epoch: int, bar: tqdm | None) -> dict[str, float]:
@@ -290,8 +349,15 @@ class Trainer:
         seen = 0
         lr = self.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        for x, y in self.train_loader.epoch(epoch):
-            loss, logits = self.train_step(x, y)
+        batch_size, n_train = self.config.batch_size, len(self.dataset.train)
+        for i, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+            scale = 1.0
+            if self.world_size > 1:
+                # DDP averages the ranks' gradients with equal weights; a last global batch split into
+                # unequal slices needs each rank's mean loss weighted by its share to give the batch mean.
+                global_size = min(batch_size, n_train - i * batch_size)
+                scale = y.shape[0] * self.world_size / global_size
+            loss, logits = self.train_step(x, y, scale)
             with torch.no_grad():
                 b = y.shape[0]
                 terms += torch.stack([loss.ce, loss.hint, loss.kd]).detach() * b
@@ -301,6 +367,15 @@ class Trainer:
             seen += y.shape[0]
             if bar is not None:
                 bar.update(1)
+        if self.world_size > 1:
+            # Sums and counts over every rank: the metrics of the whole global epoch. Then every rank
+            # takes rank 0's BatchNorm buffers, so evaluation and checkpoints see one model.
+            packed = torch.cat([terms.flatten(), correct, torch.tensor([float(seen)], device=self.device)])
+            packed = dist.all_reduce_sum(packed.double())
+            terms = packed[: terms.numel()].view_as(terms).float()
+            correct = packed[terms.numel() : -1].float()
+            seen = int(packed[-1].item())
+            dist.broadcast_tensors(list(self.model.buffers()))
         terms, correct = (terms / seen).cpu(), (correct * 100.0 / seen).cpu()  # the one sync per epoch
         seconds = time.perf_counter() - start
         self.scheduler.step()
@@ -323,7 +398,8 @@ class Trainer:
             metrics["train/ensemble/top1"] = float(correct[n])
         return metrics
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[LossOutput, list[Tensor]]:
+    def train_step(self, x: Tensor, y: Tensor, scale: float = 1.0) -> tuple[LossOutput, list[Tensor]]:
+        """One optimizer step on (x, y); ``scale`` multiplies the loss that is back-propagated."""
         with self._autocast():
             if self.ensemble_mode:
                 out = self.forward(x)
@@ -335,7 +411,7 @@ class Trainer:
                 z = self.forward(x)
                 loss, logits = baseline_loss(z, y), [z]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
+        (loss.total if scale == 1.0 else loss.total * scale).backward()
         self.optimizer.step()
         return loss, logits
 
@@ -349,7 +425,7 @@ class Trainer:
         count = 0
         for x, y in loader.epoch(0):
             with self._autocast():
-                out = self.forward(x)
+                out = self.eval_forward(x)
             logits = [z.float() for z in (out.logits if self.ensemble_mode else [out])]
             if self.ensemble_mode:
                 logits.append(torch.stack(logits).mean(0))
@@ -358,6 +434,11 @@ class Trainer:
                 hits[i, 0] += (top[:, 0] == y).sum()
                 hits[i, 1] += (top == y[:, None]).any(1).sum()
             count += y.shape[0]
+        if self.world_size > 1:  # sharded evaluation: hit counts and sample counts summed over ranks
+            packed = dist.all_reduce_sum(
+                torch.cat([hits.flatten(), torch.tensor([float(count)], device=self.device)]).double()
+            )
+            hits, count = packed[:-1].view_as(hits).float(), int(packed[-1].item())
         hits = (hits * 100.0 / max(count, 1)).cpu()
         out_metrics: dict[str, float] = {}
         for i, label in enumerate(labels):
@@ -433,4 +514,7 @@ def train(
 ) -> TrainResult:
     """Load the data named by ``config`` (unless given) and train; resumes from ``workdir`` if it can."""
     dataset = dataset if dataset is not None else load_training_data(config)
-    return Trainer(config, dataset, workdir, list(callbacks)).fit()
+    try:
+        return Trainer(config, dataset, workdir, list(callbacks)).fit()
+    finally:
+        dist.shutdown()  # only if the Trainer created the process group

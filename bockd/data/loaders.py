@@ -2,6 +2,14 @@
 
 So an epoch replays bit-identically after a resume, and on CPU the result does not depend on num_workers.
 (CPU and CUDA random streams differ, so CPU and CUDA runs augment differently; the order is the same.)
+
+Sharding (distributed training): with ``world_size > 1`` the loader yields rank ``rank``'s part of every
+*global* batch. The global batches are exactly the single-process ones (same seeded permutation, same
+``batch_size``); each is split into ``world_size`` contiguous, near-equal slices (``Tensor.tensor_split``
+sizes), and rank r takes slice r. Augmentation draws are made for the whole global batch from the
+batch's seeded generator and then sliced, so the union over ranks of what they see is bit-identical to
+the single-process batch, whatever the world size. A final training batch smaller than ``world_size``
+(some rank would get no sample) is skipped on every rank.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bockd.data.augment import augment_batch, to_model_input
+from bockd.data.augment import augment_batch, crop_flip, to_model_input
 from bockd.data.dataset import ImageSplit
 from bockd.errors import ConfigError
 
@@ -72,9 +80,18 @@ class BatchLoader:
         num_workers: int = 0,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
+        if train and batch_size % world_size:
+            raise ConfigError(
+                f"batch_size ({batch_size}, the global batch) must be divisible by the world size "
+                f"({world_size}): each rank processes batch_size / world_size samples per step"
+            )
         if pad < 0:
             raise ConfigError(f"pad must be >= 0, got {pad}")
         if num_workers < 0:
@@ -102,7 +119,10 @@ class BatchLoader:
             drop_last=drop_last and train,
             channels_last=channels_last,
             dtype=dtype,
+            rank=rank,
+            world_size=world_size,
         )
+        self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
         self._loader: DataLoader | None = None
         self._sampler: _EpochSampler | None = None
@@ -134,15 +154,19 @@ class BatchLoader:
                 perm = perm.pin_memory()
             perm = perm.to(self.device, non_blocking=True)
         for i in range(s.num_batches):
+            if s.shard_size(i) == 0:  # evaluation only: fewer samples left than ranks
+                continue
             yield s.build(epoch, i, self._x_dev, self._y_dev, perm, self._gen, self._mean_dev, self._std_dev)
 
     def _cpu_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_workers == 0:
             for i in range(len(self)):
-                yield self._spec.batch(epoch, i)
+                if self._spec.shard_size(i) > 0:
+                    yield self._spec.batch(epoch, i)
             return
         if self._loader is None:
             self._sampler = _EpochSampler(len(self))
+            self._sampler.keep = [i for i in range(len(self)) if self._spec.shard_size(i) > 0]
             self._loader = DataLoader(
                 _BatchDataset(self._spec),
                 batch_size=None,  # items are whole batches already
@@ -178,16 +202,40 @@ class _BatchSpec:
         drop_last: bool,
         channels_last: bool,
         dtype: torch.dtype,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.x, self.y = x, y
+        self.rank, self.world_size = rank, world_size
         self.n = int(y.shape[0])
         self.batch_size = batch_size
         self.mean, self.std = mean, std
         self.train, self.seed, self.pad, self.flip = train, seed, pad, flip
         self.channels_last, self.dtype = channels_last, dtype
         self.num_batches = self.n // batch_size if drop_last else math.ceil(self.n / batch_size)
+        if (
+            train
+            and world_size > 1
+            and self.num_batches
+            and self._global_size(self.num_batches - 1) < world_size
+        ):
+            self.num_batches -= 1  # the last batch cannot give every rank a sample: skipped on every rank
         self._perm_epoch: int | None = None
         self._perm: torch.Tensor | None = None
+
+    def _global_size(self, i: int) -> int:
+        return min((i + 1) * self.batch_size, self.n) - i * self.batch_size
+
+    def _shard_bounds(self, m: int) -> tuple[int, int]:
+        """This rank's [start, end) within a global batch of m samples (``tensor_split`` sizes)."""
+        q, rem = divmod(m, self.world_size)
+        start = self.rank * q + min(self.rank, rem)
+        return start, start + q + (1 if self.rank < rem else 0)
+
+    def shard_size(self, i: int) -> int:
+        """How many samples of global batch i this rank gets."""
+        start, end = self._shard_bounds(self._global_size(i))
+        return end - start
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._perm_epoch != epoch:  # each worker caches the current epoch's order
@@ -214,6 +262,8 @@ class _BatchSpec:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch i from tensors on any one device; `gen` (on that device) is re-seeded for this batch."""
         lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.n)
+        if self.world_size > 1:
+            return self._build_shard(epoch, i, lo, hi, x, y, perm, gen, mean, std)
         if perm is None:
             xb, yb = x[lo:hi], y[lo:hi].clone()  # clone: never hand out a view of the dataset
         else:
@@ -222,6 +272,37 @@ class _BatchSpec:
             if self.pad > 0 or self.flip:
                 gen.manual_seed(batch_seed(self.seed, epoch, i))
                 xb = augment_batch(xb, gen, self.pad, self.flip)
+        return to_model_input(xb, mean, std, self.channels_last, self.dtype), yb
+
+    def _build_shard(
+        self,
+        epoch: int,
+        i: int,
+        lo: int,
+        hi: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        perm: torch.Tensor | None,
+        gen: torch.Generator,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of global batch i: the same samples and augmentation the single-process
+        batch has at those positions (the draws follow ``augment_batch``'s order for the whole batch)."""
+        start, end = self._shard_bounds(hi - lo)
+        if perm is None:
+            xb, yb = x[lo + start : lo + end], y[lo + start : lo + end].clone()
+        else:
+            idx = perm[lo + start : lo + end]
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            if self.pad > 0 or self.flip:
+                gen.manual_seed(batch_seed(self.seed, epoch, i))
+                m, p = hi - lo, self.pad
+                oy = torch.randint(0, 2 * p + 1, (m,), generator=gen, device=x.device)
+                ox = torch.randint(0, 2 * p + 1, (m,), generator=gen, device=x.device)
+                flips = torch.rand(m, generator=gen, device=x.device) < 0.5 if self.flip else None
+                sl = slice(start, end)
+                xb = crop_flip(xb, oy[sl], ox[sl], None if flips is None else flips[sl], p)
         return to_model_input(xb, mean, std, self.channels_last, self.dtype), yb
 
 
@@ -243,9 +324,10 @@ class _EpochSampler(Sampler[tuple[int, int]]):
     def __init__(self, num_batches: int) -> None:
         self.num_batches = num_batches
         self.epoch = 0
+        self.keep = list(range(num_batches))  # batch indices that give this rank samples
 
     def __len__(self) -> int:
-        return self.num_batches
+        return len(self.keep)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(self.epoch, i) for i in range(self.num_batches)])
+        return iter([(self.epoch, i) for i in self.keep])
