@@ -74,6 +74,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             MlflowCallback(args.mlflow_uri, experiment=args.experiment, run_name=Path(args.workdir).name)
         )
     result = train(config, args.workdir, callbacks)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for the group
+        return 0
     print(json.dumps(result.summary(), indent=2))
     print(f"weights, config and history in {args.workdir}")
     return 0
