@@ -116,7 +116,8 @@ def summary_rows(
     return rows
 
 
-def _fmt(value: Any, spec: str = "", missing: str = "-") -> str:
+def format_optional(value: Any, spec: str = "", missing: str = "-") -> str:
+    """``value`` formatted with ``spec``, or ``missing`` when there is none (no baseline, no version)."""
     return missing if value is None else format(value, spec)
 
 
@@ -133,12 +134,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
             f"{r['size_pct']:.1f}",
             f"{r['top1']:.2f}",
             f"{r['top5']:.2f}",
-            _fmt(r["baseline_top1"], ".2f"),
-            _fmt(r["gain"], "+.2f"),
+            format_optional(r["baseline_top1"], ".2f"),
+            format_optional(r["gain"], "+.2f"),
             f"{r['flops'] / 1e6:.2f}",
-            _fmt(r["latency_ms"], ".2f"),
-            _fmt(r["model"]),
-            _fmt(r["version"]),
+            format_optional(r["latency_ms"], ".2f"),
+            format_optional(r["model"]),
+            format_optional(r["version"]),
             "yes" if r["selected"] else "no",
         ]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

@@ -77,6 +77,17 @@ def load_prepared(data_dir: str | Path, config: TrainConfig) -> ImageDataset:
     return dataset
 
 
+def checkpoint_prefix(checkpoint_uri: str, pipeline_run_id: str, task: str) -> str:
+    """Where ``task`` of this pipeline run keeps its checkpoint ("" = only locally): a retried pod of the
+    same run resumes from it, another run starts afresh."""
+    return f"{checkpoint_uri.rstrip('/')}/{pipeline_run_id}/{task}" if checkpoint_uri else ""
+
+
+def final_test_metrics(final: dict[str, float]) -> dict[str, float]:
+    """``test/s1/top1`` -> ``s1-top1``: the last epoch's test metrics under KFP-friendly names."""
+    return {k.removeprefix("test/").replace("/", "-"): v for k, v in final.items() if k.startswith("test/")}
+
+
 # -- checkpoints in S3, so a rescheduled training pod resumes ---------------------------------------
 class S3CheckpointSync:
     """Engine callback: uploads every checkpoint to ``uri``; :meth:`restore` fetches it back first."""
@@ -417,7 +428,6 @@ CLUSTER_DEPLOY_OPTIONS = (
     "service_account", "runtime", "backend", "min_replicas", "max_replicas", "scale_metric", "scale_target",
     "canary_traffic_percent", "deployment_mode", "timeout_s", "poll_s",
 )  # fmt: skip
-_POD_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def storage_uri(mlflow: Any, name: str, version: str, artifacts_destination: str) -> str:
@@ -441,10 +451,11 @@ def storage_uri(mlflow: Any, name: str, version: str, artifacts_destination: str
 
 
 def _deploy_cluster(
-    model_dir: Path, chosen: list[int], versions: dict[int, dict[str, Any]], options: dict[str, Any]
+    chosen: list[int], versions: dict[int, dict[str, Any]], options: dict[str, Any]
 ) -> list[dict[str, Any]]:
     from mlflow import MlflowClient
 
+    from bockd.kube import pod_namespace
     from bockd.serving.deploy import DeploySpec, KubeApi, deploy_inference_service
 
     opts = dict(options)
@@ -455,13 +466,7 @@ def _deploy_cluster(
         raise ConfigError(
             f"deploy_options: unknown keys {unknown}; expected {', '.join(CLUSTER_DEPLOY_OPTIONS)}"
         )
-    namespace = opts.pop("namespace", "") or (
-        _POD_NAMESPACE.read_text().strip() if _POD_NAMESPACE.exists() else ""
-    )
-    if not namespace:
-        raise ConfigError(
-            "serving_namespace: not set and not running in a pod (no service account namespace)"
-        )
+    namespace = pod_namespace(opts.pop("namespace", ""), "serving_namespace")
     mlflow = MlflowClient(opts.pop("tracking_uri"))
     destination = opts.pop("artifacts_destination")
     timeout = float(opts.pop("timeout_s", 600))
@@ -501,7 +506,7 @@ def deploy(
         return []
     versions = {int(r["student"]): r for r in registrations}
     if mode == "cluster":
-        return _deploy_cluster(Path(model_dir), chosen, versions, cluster_options or {})
+        return _deploy_cluster(chosen, versions, cluster_options or {})
     if not serving_dir:
         raise ConfigError("local_serving_dir: local deployment needs a folder for the servers' state")
     from bockd.serving.local import start_local_server, stop_local_server

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bockd.errors import BockdError, ConfigError
+from bockd.kube import CustomResourceApi, pod_namespace
 
 LOG = logging.getLogger("bockd.trainjob")
 
@@ -87,7 +88,6 @@ _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
-_POD_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 CREATED, SUSPENDED, COMPLETE, FAILED = "Created", "Suspended", "Complete", "Failed"
 
@@ -276,60 +276,21 @@ def build_trainjob(spec: TrainJobSpec, crd_path: str | Path | None = None) -> di
 # ------------------------------------------------------------------------------------------ the API calls
 
 
-class TrainJobApi:
-    """Get, create and delete TrainJobs over ``kubernetes.client.CustomObjectsApi``."""
+class TrainJobApi(CustomResourceApi):
+    """Get, create and delete TrainJobs."""
 
-    def __init__(self, custom_objects: Any) -> None:
-        self._api = custom_objects
-
-    @classmethod
-    def from_config(cls, configuration: Any = None) -> TrainJobApi:
-        """From a ``kubernetes.client.Configuration``; in-cluster or ``~/.kube/config`` when there is none."""
-        from kubernetes import client
-
-        from bockd.serving.deploy import load_kube_config
-
-        api_client = client.ApiClient(configuration if configuration is not None else load_kube_config())
-        return cls(client.CustomObjectsApi(api_client))
-
-    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self._api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise _api_error("read", namespace, name, e) from e
+    group, version, plural, kind, error = GROUP, VERSION, PLURAL, KIND, TrainJobError
 
     def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The created object, or None when one of that name exists already (HTTP 409)."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self._api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+            return self._api.create_namespaced_custom_object(*self._args(namespace), body)
         except ApiException as e:
             if e.status == 409:
                 return None
-            raise _api_error("create", namespace, body["metadata"]["name"], e) from e
-
-    def delete(self, namespace: str, name: str) -> bool:
-        """Delete (its JobSet and pods follow in the background); False when it was already gone."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self._api.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return False
-            raise _api_error("delete", namespace, name, e) from e
-        return True
-
-
-def _api_error(verb: str, namespace: str, name: str, e: Any) -> TrainJobError:
-    return TrainJobError(f"cannot {verb} TrainJob {namespace}/{name}: HTTP {e.status} {e.reason}: {e.body}")
+            raise self._fail("create", namespace, body["metadata"]["name"], e) from e
 
 
 # ---------------------------------------------------------------------------------------------- waiting
@@ -592,15 +553,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------ the launcher
-
-
-def pod_namespace(namespace: str = "") -> str:
-    """``namespace``, else the launcher pod's own (its ServiceAccount's)."""
-    if namespace:
-        return namespace
-    if _POD_NAMESPACE.exists():
-        return _POD_NAMESPACE.read_text().strip()
-    raise ConfigError("namespace: not set and not running in a pod (no service account namespace)")
 
 
 def staging_prefix(staging_uri: str, pipeline_run_id: str) -> str:

@@ -39,10 +39,11 @@ def train_distributed(
     ``<pipeline_run_id>/ensemble/``). ``namespace`` empty: this pod's namespace. ``mlflow_secret`` empty:
     none. Returns the student numbers (the evaluate loop runs over them).
     """
+    from bockd.steps import checkpoint_prefix, final_test_metrics
     from bockd.trainjob import train_distributed as run
 
     # A retried step finds the TrainJob of its first attempt; a failed one resumes from this checkpoint.
-    ckpt = f"{checkpoint_uri.rstrip('/')}/{pipeline_run_id}/ensemble" if checkpoint_uri else ""
+    ckpt = checkpoint_prefix(checkpoint_uri, pipeline_run_id, "ensemble")
     out = run(
         train_config,
         dataset.path,
@@ -67,9 +68,8 @@ def train_distributed(
         s3_secret=s3_secret or None,
         mlflow_secret=mlflow_secret or None,
     )
-    for key, value in out["final"].items():
-        if key.startswith("test/"):
-            metrics.log_metric(key.removeprefix("test/").replace("/", "-"), value)
+    for key, value in final_test_metrics(out["final"]).items():
+        metrics.log_metric(key, value)
     model.metadata.update({"students": out["students"], "mlflow_run_id": out["mlflow_run_id"]})
     with open(mlflow_run_id, "w") as f:
         f.write(out["mlflow_run_id"])

@@ -18,10 +18,11 @@ def train_ensemble(
 
     Returns the student numbers (the evaluate loop runs over them).
     """
+    from bockd.steps import checkpoint_prefix, final_test_metrics
     from bockd.steps import train_ensemble as run
 
     # A retried pod resumes from the checkpoint this pipeline run left in S3.
-    ckpt = f"{checkpoint_uri.rstrip('/')}/{pipeline_run_id}/ensemble" if checkpoint_uri else ""
+    ckpt = checkpoint_prefix(checkpoint_uri, pipeline_run_id, "ensemble")
     out = run(
         train_config,
         dataset.path,
@@ -32,9 +33,8 @@ def train_ensemble(
         checkpoint_uri=ckpt,
         tags={"kfp.run_id": pipeline_run_id},
     )
-    for key, value in out["final"].items():
-        if key.startswith("test/"):
-            metrics.log_metric(key.removeprefix("test/").replace("/", "-"), value)
+    for key, value in final_test_metrics(out["final"]).items():
+        metrics.log_metric(key, value)
     model.metadata.update({"students": out["students"], "mlflow_run_id": out["mlflow_run_id"]})
     with open(mlflow_run_id, "w") as f:
         f.write(out["mlflow_run_id"])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,13 +175,19 @@ def _cluster_deploy(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    from bockd.pipeline import cluster
-
+@contextlib.contextmanager
+def _checked_package(args: argparse.Namespace) -> Iterator[tuple[Any, Path]]:
+    """Validated run parameters (buckets checked when S3 is reachable) and the freshly compiled package."""
     params = _run_parameters(args, **_cluster_deploy(args))
     params.check_buckets(required=False)
     with tempfile.TemporaryDirectory() as tmp:
-        package = _compile(args, Path(tmp) / "pipeline.yaml")
+        yield params, _compile(args, Path(tmp) / "pipeline.yaml")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from bockd.pipeline import cluster
+
+    with _checked_package(args) as (params, package):
         info = cluster.submit(
             _client(args),
             package,
@@ -196,10 +204,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from bockd.pipeline import cluster
 
     cron = cluster.validate_cron(args.cron)
-    params = _run_parameters(args, **_cluster_deploy(args))
-    params.check_buckets(required=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = _compile(args, Path(tmp) / "pipeline.yaml")
+    with _checked_package(args) as (params, package):
         info = cluster.schedule(
             _client(args),
             package,

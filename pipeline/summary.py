@@ -7,9 +7,7 @@ from typing import Any, TextIO
 
 from bockd.pipeline.local import LocalRun
 
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+from bockd.report import format_optional
 
 
 def summary_table(rows: list[dict[str, Any]], endpoints: list[dict[str, Any]]) -> str:
@@ -23,7 +21,8 @@ def summary_table(rows: list[dict[str, Any]], endpoints: list[dict[str, Any]]) -
         version = f"{r['model']} v{r['version']}" if r.get("version") else "-"
         lines.append(
             f"| {r['student']}{' *' if r['selected'] else ''} | {r['params']:,} | {r['size_pct']:.2f} | "
-            f"{r['top1']:.2f} | {_fmt(r['baseline_top1'], '.2f')} | {_fmt(r['gain'], '+.2f')} | "
+            f"{r['top1']:.2f} | {format_optional(r['baseline_top1'], '.2f')} | "
+            f"{format_optional(r['gain'], '+.2f')} | "
             f"{version} | {urls.get(r['number'], '-')} |"
         )
     return "\n".join(lines)

@@ -41,7 +41,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bockd import kube
 from bockd.errors import BockdError, ConfigError
+from bockd.kube import CustomResourceApi
 
 LOG = logging.getLogger("bockd.deploy")
 
@@ -327,46 +329,10 @@ def _standard_canary(spec: DeploySpec, model_version: str) -> list[dict[str, Any
 # ---------------------------------------------------------------------------------------------- the API
 
 
-class KubeApi:
-    """The four calls on InferenceServices that a deployment needs, over ``CustomObjectsApi``."""
+class KubeApi(CustomResourceApi):
+    """The calls on InferenceServices that a deployment needs."""
 
-    def __init__(self, custom_objects: Any) -> None:
-        self._api = custom_objects
-
-    @classmethod
-    def from_config(cls, configuration: Any = None) -> KubeApi:
-        """From a ``kubernetes.client.Configuration``, or `load_kube_config()` when there is none."""
-        from kubernetes import client
-
-        api_client = client.ApiClient(configuration if configuration is not None else load_kube_config())
-        return cls(client.CustomObjectsApi(api_client))
-
-    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self._api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise _api_error("read", namespace, name, e) from e
-
-    def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self._api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-        except ApiException as e:
-            raise _api_error("create", namespace, body["metadata"]["name"], e) from e
-
-    def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        """A JSON merge patch (RFC 7386; the client sends ``application/merge-patch+json``): null deletes."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self._api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
-        except ApiException as e:
-            raise _api_error("patch", namespace, name, e) from e
+    group, version, plural, kind, error = GROUP, VERSION, PLURAL, KIND, DeployError
 
     def status(self, namespace: str, name: str) -> dict[str, Any]:
         obj = self.get(namespace, name)
@@ -375,25 +341,9 @@ class KubeApi:
         return obj.get("status") or {}
 
 
-def _api_error(verb: str, namespace: str, name: str, e: Any) -> DeployError:
-    return DeployError(
-        f"cannot {verb} InferenceService {namespace}/{name}: HTTP {e.status} {e.reason}: {e.body}"
-    )
-
-
 def load_kube_config() -> Any:
     """The client configuration: in-cluster (the pod's ServiceAccount) first, then ``~/.kube/config``."""
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        try:
-            config.load_kube_config(client_configuration=configuration)
-        except (config.ConfigException, OSError) as e:
-            raise DeployError(f"no Kubernetes configuration: not in a cluster and no kubeconfig ({e})") from e
-    return configuration
+    return kube.load_kube_config(DeployError)
 
 
 # ---------------------------------------------------------------------------------------------- status
