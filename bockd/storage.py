@@ -130,3 +130,20 @@ def upload_folder(folder: str | os.PathLike[str], uri: str, endpoint: str | None
         minio.fput_object(loc.bucket, key, str(path))
         keys.append(key)
     return keys
+
+
+def delete_prefix(uri: str, endpoint: str | None = None) -> int:
+    """Delete every object under the folder ``uri`` (``s3://bucket/a/b`` removes ``a/b/...``, never
+    ``a/bc``); returns how many. A whole bucket is refused: a prefix must be given."""
+    from minio.deleteobjects import DeleteObject
+
+    loc = check_bucket(uri, "staging", endpoint)
+    prefix = loc.prefix.strip("/")
+    if not prefix:
+        raise DataError(f"staging: refusing to empty the whole bucket {loc.bucket!r}; give a prefix")
+    minio = client(endpoint)
+    names = [o.object_name for o in minio.list_objects(loc.bucket, prefix=f"{prefix}/", recursive=True)]
+    errors = list(minio.remove_objects(loc.bucket, (DeleteObject(n) for n in names)))
+    if errors:
+        raise DataError(f"staging: could not delete {len(errors)} object(s) under {uri!r}: {errors[0]}")
+    return len(names)

@@ -22,7 +22,9 @@ Conditions (the Trainer controller's): ``Created``, ``Suspended``, ``Complete``,
 ``Failed`` (raising `TrainJobError` with reason and message), on timeout, and on cancellation
 (KeyboardInterrupt, or SIGTERM, which KFP sends the launcher pod when the run is cancelled: re-raised).
 A retried launcher finds the TrainJob of its first attempt by name and watches it (one that already
-failed is deleted and created anew).
+failed is deleted and created anew). ``spec.activeDeadlineSeconds`` (the launcher's timeout) stops the
+TrainJob even when the launcher pod is gone. After a success the launcher fetches the Model folder, then
+deletes the TrainJob and the run's staging objects.
 
 Worker side (``torchrun --module bockd.trainjob --request <uri>`` on every process): each rank downloads
 the dataset and trains; rank 0 (``RANK`` unset counts as 0) also logs to MLflow, uploads checkpoints,
@@ -38,6 +40,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -579,15 +582,20 @@ def train_distributed(
     api: TrainJobApi | None = None,
     timeout_s: float = 24 * 3600,
     poll_s: float = 30,
+    cleanup: bool = True,
     **spec_options: Any,
 ) -> dict[str, Any]:
     """Stage the dataset and request, run the TrainJob, fetch the Model folder into ``out_dir``.
 
     Returns rank 0's result (``students``, ``mlflow_run_id``, ``final``), as `bockd.steps.train_ensemble`.
     ``spec_options`` are further `TrainJobSpec` fields (tolerations, node_selector, secrets, env, ...).
+    The TrainJob also carries ``timeout_s`` as its activeDeadlineSeconds, so the cluster stops it even
+    when this launcher is gone. ``cleanup``: once the Model folder is here, delete the finished TrainJob
+    and everything under the run's staging prefix (the dataset copy can be large); a failed run keeps its
+    staging objects, since a retry uploads over them.
     """
     from bockd import steps
-    from bockd.storage import download_prefix, endpoint_from_env, upload_folder
+    from bockd.storage import delete_prefix, download_prefix, endpoint_from_env, upload_folder
 
     steps.train_config(raw_config, mode="ensemble")  # a bad config fails here, not on every node
     stage = staging_prefix(staging_uri, pipeline_run_id)
@@ -608,6 +616,7 @@ def train_distributed(
     for name in FORWARDED_ENV:  # where MLflow's client finds S3 when the server does not proxy artifacts
         if os.environ.get(name):
             env.setdefault(name, os.environ[name])
+    spec_options.setdefault("active_deadline_seconds", max(1, math.ceil(timeout_s)))
     spec = TrainJobSpec.for_run(
         pipeline_run_id or "local",
         pod_namespace(namespace),
@@ -618,9 +627,10 @@ def train_distributed(
         env=env,
         **spec_options,
     )
+    api = api or TrainJobApi.from_config()
     upload_folder(data_dir, request.data_uri)
     put_json(spec.request_uri, request.to_dict())
-    run_trainjob(api or TrainJobApi.from_config(), spec, timeout_s=timeout_s, poll_s=poll_s)
+    run_trainjob(api, spec, timeout_s=timeout_s, poll_s=poll_s)
     try:
         result = get_json(f"{stage}/{RESULT_FILE}")
     except Exception as e:
@@ -635,6 +645,14 @@ def train_distributed(
             target = out / path.relative_to(fetched)
             target.parent.mkdir(parents=True, exist_ok=True)
             path.replace(target)
+    if cleanup:
+        try:  # the trained model is safe by now: a failed cleanup is worth a warning, not a failed step
+            api.delete(spec.namespace, spec.name)
+            removed = delete_prefix(stage)
+        except BockdError as e:
+            LOG.warning("cleanup after TrainJob %s/%s failed: %s", spec.namespace, spec.name, e)
+        else:
+            LOG.info("TrainJob %s/%s and %d staging object(s) deleted", spec.namespace, spec.name, removed)
     return result
 
 

@@ -17,14 +17,13 @@ import itertools
 import json
 import logging
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kube_api_double import SCHEMAS, ApiDouble, ApiRequest, client_configuration, k8s_status, serve_api
 
 from bockd.errors import BockdError, ConfigError
 from bockd.serving.crd import CrdValidationError, crd_schema, validate_against_crd
@@ -43,10 +42,7 @@ from bockd.serving.deploy import (
     normalize_name,
 )
 
-CRD = Path("/work/shared/schemas/serving.kserve.io_inferenceservices.yaml")
-if not CRD.is_file():  # the checkout's shared/ folder, where the tests run elsewhere
-    CRD = Path(__file__).resolve().parents[1] / "shared" / "schemas" / CRD.name
-pytestmark = pytest.mark.skipif(not CRD.is_file(), reason=f"no KServe CRD at {CRD}")
+CRD = SCHEMAS / "serving.kserve.io_inferenceservices.yaml"
 
 NS = "kubeflow-user"
 MODEL = "bockd-digits-resnet20-s3"
@@ -74,16 +70,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 @dataclass
-class Request:
-    method: str
-    path: str
-    content_type: str
-    body: Any
-    authorization: str = ""
-
-
-@dataclass
-class FakeKServe:
+class FakeKServe(ApiDouble):
     """Test double of the Kubernetes API server + KServe controller (no API server can run here).
 
     ``ready_after``: GETs after a spec change until the controller settles. ``failing``: storage URIs whose
@@ -91,48 +78,41 @@ class FakeKServe:
     """
 
     ready_after: int = 2
-    host: str = ""  # set by the fixture: http://127.0.0.1:<free port>
     failing: set[str] = field(default_factory=set)
     hanging: set[str] = field(default_factory=set)
     fail_reason: str = "RevisionFailed"
     objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    requests: list[Request] = field(default_factory=list)
     written: list[dict[str, Any]] = field(default_factory=list)  # every object as stored after a write
-    rejected: list[str] = field(default_factory=list)
     _pending: dict[tuple[str, str], int] = field(default_factory=dict)
     _revisions: dict[tuple[str, str], list[tuple[str, str, bool]]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- the API server
 
-    def handle(
-        self, method: str, path: str, content_type: str, body: Any, authorization: str = ""
-    ) -> tuple[int, dict[str, Any]]:
-        with self._lock:
-            self.requests.append(Request(method, path, content_type, copy.deepcopy(body), authorization))
-            m = _PATH.match(path.split("?")[0])
-            if not m:
-                return 404, _status(404, f"no route {path}")
-            ns, name = m.group(1), m.group(2)
-            if method == "POST" and name is None:
-                return self._create(ns, body)
-            if name is None:
-                return 405, _status(405, "only GET/PATCH of one object and POST to the collection")
-            if (ns, name) not in self.objects:
-                return 404, _status(404, f'inferenceservices.serving.kserve.io "{name}" not found')
-            if method == "GET":
-                self._reconcile(ns, name)
-                return 200, copy.deepcopy(self.objects[ns, name])
-            if method == "PATCH":
-                if content_type != "application/merge-patch+json":
-                    return 415, _status(415, f"unsupported patch type {content_type}")
-                return self._patch(ns, name, body)
-            return 405, _status(405, method)
+    def handle(self, request: ApiRequest) -> tuple[int, dict[str, Any]]:
+        method, path, body = request.method, request.path, request.body
+        m = _PATH.match(path)
+        if not m:
+            return 404, k8s_status(404, f"no route {path}")
+        ns, name = m.group(1), m.group(2)
+        if method == "POST" and name is None:
+            return self._create(ns, body)
+        if name is None:
+            return 405, k8s_status(405, "only GET/PATCH of one object and POST to the collection")
+        if (ns, name) not in self.objects:
+            return 404, k8s_status(404, f'inferenceservices.serving.kserve.io "{name}" not found')
+        if method == "GET":
+            self._reconcile(ns, name)
+            return 200, copy.deepcopy(self.objects[ns, name])
+        if method == "PATCH":
+            if request.content_type != "application/merge-patch+json":
+                return 415, k8s_status(415, f"unsupported patch type {request.content_type}")
+            return self._patch(ns, name, body)
+        return 405, k8s_status(405, method)
 
     def _create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         name = body["metadata"]["name"]
         if (ns, name) in self.objects:
-            return 409, _status(409, f'inferenceservices.serving.kserve.io "{name}" already exists')
+            return 409, k8s_status(409, f'inferenceservices.serving.kserve.io "{name}" already exists')
         obj = copy.deepcopy(body)
         obj["metadata"].update(namespace=ns, generation=1, uid=f"uid-{name}")
         obj.pop("status", None)
@@ -153,7 +133,7 @@ class FakeKServe:
             validate_against_crd({k: v for k, v in obj.items() if k != "status"}, CRD)
         except CrdValidationError as e:
             self.rejected.append(str(e))
-            return 422, _status(422, str(e))
+            return 422, k8s_status(422, str(e))
         self.objects[ns, name] = obj
         self.written.append(copy.deepcopy({k: v for k, v in obj.items() if k != "status"}))
         if spec_changed:
@@ -247,11 +227,6 @@ class FakeKServe:
             components={"predictor": {"url": _url(name, ns)}}, url=_url(name, ns), deploymentMode="Standard"
         )
 
-    # -- what the tests look at
-
-    def calls(self, method: str) -> list[Request]:
-        return [r for r in self.requests if r.method == method]
-
 
 def _uris(obj: dict[str, Any]) -> set[str]:
     spec = obj["spec"]
@@ -267,57 +242,18 @@ def _ready_conditions() -> list[dict[str, str]]:
     return [{"type": "PredictorReady", "status": "True"}, {"type": "Ready", "status": "True"}]
 
 
-def _status(code: int, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": message}
-
-
-def _handler(fake: FakeKServe) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else None
-            content_type = (self.headers.get("Content-Type") or "").split(";")[0]
-            authorization = self.headers.get("Authorization") or ""
-            code, payload = fake.handle(self.command, self.path, content_type, body, authorization)
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_PATCH = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet test output
-            pass
-
-    return Handler
-
-
 @pytest.fixture
 def fake() -> Iterator[FakeKServe]:
     """The test double of the API server + KServe controller (no Kubernetes API server can run here)."""
     double = FakeKServe()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(double))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    double.host = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serve_api(double):
         yield double
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
     assert double.rejected == [], "an InferenceService bockd wrote broke the CRD schema"
 
 
 @pytest.fixture
 def api(fake: FakeKServe) -> KubeApi:
-    from kubernetes import client
-
-    configuration = client.Configuration()
-    configuration.host = fake.host
-    return KubeApi.from_config(configuration)
+    return KubeApi.from_config(client_configuration(fake))
 
 
 def spec_for(uri: str = URI_V1, **kwargs: Any) -> DeploySpec:
@@ -332,9 +268,10 @@ def served(fake: FakeKServe, spec: DeploySpec, version: str) -> None:
     """Start a test from an ISVC that already serves ``version`` (created through the double)."""
     fake.objects.pop((NS, spec.name), None)
     collection = f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices"
-    fake.handle("POST", collection, "application/json", build_inference_service(spec, version))
+    body = build_inference_service(spec, version)
+    fake.receive(ApiRequest("POST", collection, "", "application/json", body))
     while fake._pending:
-        fake.handle("GET", f"{collection}/{spec.name}", "", None)
+        fake.receive(ApiRequest("GET", f"{collection}/{spec.name}", "", "", None))
     fake.requests.clear()
     fake.written.clear()
 
@@ -582,7 +519,7 @@ def test_interrupted_canary_rolls_back_to_the_stable_uri(fake: FakeKServe, api: 
     served(fake, spec_for(URI_V1), "1")
     path = f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices/{MODEL}"
     half = {"spec": {"predictor": {"canaryTrafficPercent": 10, "model": {"storageUri": URI_V2}}}}
-    fake.handle("PATCH", path, "application/merge-patch+json", half)
+    fake.receive(ApiRequest("PATCH", path, "", "application/merge-patch+json", half))
     fake.failing.add(BAD_URI)
     with pytest.raises(DeployError, match="keeps serving"):
         deploy(api, spec_for(BAD_URI), "3")

@@ -12,7 +12,7 @@ from bockd import steps
 from bockd.data import ImageDataset
 from bockd.errors import DataError
 from bockd.services import ServicesInfo
-from bockd.storage import S3Uri, _relative_key, client, download_prefix, upload_folder
+from bockd.storage import S3Uri, _relative_key, client, delete_prefix, download_prefix, upload_folder
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -77,6 +77,19 @@ def test_missing_prefix_and_bucket_are_clear_errors(mlflow_stack: ServicesInfo, 
         download_prefix("s3://bockd/does-not-exist/", tmp_path / "dl")
     with pytest.raises(DataError, match="bucket 'nope' does not exist"):
         download_prefix("s3://nope/x", tmp_path / "dl")
+
+
+def test_delete_prefix_removes_that_folder_only(mlflow_stack: ServicesInfo) -> None:
+    for key in ("stage/run-1/a.bin", "stage/run-1/sub/b.bin", "stage/run-10/c.bin", "stage/other.bin"):
+        _put(mlflow_stack, key, b"x")
+    assert delete_prefix(f"s3://{mlflow_stack.bucket}/stage/run-1") == 2
+    listed = client().list_objects(mlflow_stack.bucket, prefix="stage/", recursive=True)
+    left = {o.object_name for o in listed}
+    assert left == {"stage/run-10/c.bin", "stage/other.bin"}
+    assert delete_prefix(f"s3://{mlflow_stack.bucket}/stage/run-1/") == 0  # nothing left: not an error
+    with pytest.raises(DataError, match="refusing to empty the whole bucket"):
+        delete_prefix(f"s3://{mlflow_stack.bucket}/")
+    assert {o.object_name for o in client().list_objects(mlflow_stack.bucket, recursive=True)} >= left
 
 
 def test_checkpoint_sync_round_trip(mlflow_stack: ServicesInfo, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ rank 0) against the real local S3 and MLflow servers.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import re
@@ -22,11 +21,11 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kube_api_double import SCHEMAS, ApiDouble, ApiRequest, client_configuration, k8s_status, serve_api
 
 from bockd.errors import BockdError, ConfigError
 from bockd.serving.crd import CrdValidationError, validate_against_crd
@@ -42,10 +41,7 @@ from bockd.trainjob import (
     trainjob_name,
 )
 
-CRD = Path("/work/shared/schemas/trainer.kubeflow.org_trainjobs.yaml")
-if not CRD.is_file():  # the checkout's shared/ folder, where the tests run elsewhere
-    CRD = Path(__file__).resolve().parents[1] / "shared" / "schemas" / CRD.name
-pytestmark = pytest.mark.skipif(not CRD.is_file(), reason=f"no Trainer CRD at {CRD}")
+CRD = SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml"
 
 NS = "kubeflow-user"
 RUN_ID = "3f2a9c1e-7b4d-4e8a-9c2f-1a2b3c4d5e6f"
@@ -61,20 +57,12 @@ _TIME = "2026-11-24T12:00:00Z"
 # ------------------------------------------------------------------------------------------ test double
 
 
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: str
-    body: Any
-
-
 def _condition(kind: str, reason: str, message: str) -> dict[str, Any]:
     return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _TIME}
 
 
 @dataclass
-class FakeTrainer:
+class FakeTrainer(ApiDouble):
     """Test double of the Kubernetes API server + Trainer controller (no API server can run here).
 
     ``outcome``: ``complete`` (after ``complete_after`` GETs), ``fail`` (after as many, reason
@@ -84,47 +72,44 @@ class FakeTrainer:
     outcome: str = "complete"
     complete_after: int = 3
     fail_reason: str = "FailedJobs"
-    host: str = ""
+    delete_status: int = 200  # another code: DELETE fails with it
     on_complete: Callable[[dict[str, Any]], None] | None = None
     objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    requests: list[Request] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)
     _gets: dict[tuple[str, str], int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def handle(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
-        route, _, query = path.partition("?")
-        with self._lock:
-            self.requests.append(Request(method, route, query, copy.deepcopy(body)))
-            m = _PATH.match(route)
-            if not m:
-                return 404, _status(404, f"no route {path}")
-            ns, name = m.group(1), m.group(2)
-            if method == "POST" and name is None:
-                return self._create(ns, body)
-            if name is None:
-                return 405, _status(405, "only GET/DELETE of one object and POST to the collection")
-            if (ns, name) not in self.objects:
-                return 404, _status(404, f'trainjobs.trainer.kubeflow.org "{name}" not found')
-            if method == "GET":
-                self._reconcile(ns, name)
-                return 200, copy.deepcopy(self.objects[ns, name])
-            if method == "DELETE":
-                del self.objects[ns, name]
-                return 200, _status(200, "deleted") | {"status": "Success"}
-            return 405, _status(405, method)
+    def handle(self, request: ApiRequest) -> tuple[int, dict[str, Any]]:
+        method, path, body = request.method, request.path, request.body
+        m = _PATH.match(path)
+        if not m:
+            return 404, k8s_status(404, f"no route {path}")
+        ns, name = m.group(1), m.group(2)
+        if method == "POST" and name is None:
+            return self._create(ns, body)
+        if name is None:
+            return 405, k8s_status(405, "only GET/DELETE of one object and POST to the collection")
+        if (ns, name) not in self.objects:
+            return 404, k8s_status(404, f'trainjobs.trainer.kubeflow.org "{name}" not found')
+        if method == "GET":
+            self._reconcile(ns, name)
+            return 200, copy.deepcopy(self.objects[ns, name])
+        if method == "DELETE" and self.delete_status != 200:
+            return self.delete_status, k8s_status(self.delete_status, "the API server could not delete it")
+        if method == "DELETE":
+            del self.objects[ns, name]
+            return 200, k8s_status(200, "deleted") | {"status": "Success"}
+        return 405, k8s_status(405, method)
 
     def _create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         name = body["metadata"]["name"]
         if (ns, name) in self.objects:
-            return 409, _status(409, f'trainjobs.trainer.kubeflow.org "{name}" already exists')
+            return 409, k8s_status(409, f'trainjobs.trainer.kubeflow.org "{name}" already exists')
         if body["metadata"].get("namespace", ns) != ns:
-            return 400, _status(400, "the namespace of the object does not match the request's")
+            return 400, k8s_status(400, "the namespace of the object does not match the request's")
         try:  # what the API server does with a custom resource: check it against the CRD's schema
             validate_against_crd(body, CRD)
         except CrdValidationError as e:
             self.rejected.append(str(e))
-            return 422, _status(422, str(e))
+            return 422, k8s_status(422, str(e))
         obj = copy.deepcopy(body)
         obj["metadata"].update(namespace=ns, generation=1, uid=f"uid-{name}")
         self.objects[ns, name] = obj
@@ -170,61 +155,19 @@ class FakeTrainer:
         except CrdValidationError as e:
             self.rejected.append(str(e))
 
-    # -- what the tests look at
-
-    def calls(self, method: str) -> list[Request]:
-        return [r for r in self.requests if r.method == method]
-
-
-def _status(code: int, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": message}
-
-
-def _handler(fake: FakeTrainer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else None
-            code, payload = fake.handle(self.command, self.path, body)
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_DELETE = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet test output
-            pass
-
-    return Handler
-
 
 @pytest.fixture
 def fake() -> Iterator[FakeTrainer]:
     """The test double of the API server + Trainer controller (no Kubernetes API server can run here)."""
     double = FakeTrainer()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(double))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    double.host = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serve_api(double):
         yield double
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
     assert double.rejected == [], "a TrainJob bockd wrote (or a status the double made) broke the CRD"
 
 
 @pytest.fixture
 def api(fake: FakeTrainer) -> TrainJobApi:
-    from kubernetes import client
-
-    configuration = client.Configuration()
-    configuration.host = fake.host
-    return TrainJobApi.from_config(configuration)
+    return TrainJobApi.from_config(client_configuration(fake))
 
 
 def spec_for(**kwargs: Any) -> TrainJobSpec:
@@ -510,3 +453,77 @@ def test_train_distributed_end_to_end_with_one_rank(
         assert any((out / "students" / f"s{k}").iterdir())
     run_ = MlflowClient(mlflow_stack.mlflow_uri).get_run(result["mlflow_run_id"])
     assert run_.data.tags["kfp.run_id"] == "run-e2e"
+    # The cluster stops it at the launcher's timeout even without the launcher; once the Model folder is
+    # here, the finished TrainJob and the run's staging objects (dataset copy, request, outputs) are gone.
+    assert launched[0]["spec"]["activeDeadlineSeconds"] == 600
+    assert len(fake.calls("DELETE")) == 1 and fake.objects == {}
+    assert _staged(minio, "runs/run-e2e/") == []
+
+
+def _staged(minio: Any, prefix: str) -> list[str]:
+    return sorted(o.object_name for o in minio.list_objects("bockd-staging", prefix=prefix, recursive=True))
+
+
+def _launch_with_fake_rank0(fake: FakeTrainer, api: TrainJobApi, tmp_path: Path, **kwargs: Any) -> Any:
+    """train_distributed with the double playing a rank 0 that trained instantly: it uploads a one-file
+    Model folder and the result, as the worker does last (real local S3)."""
+    from bockd import trainjob
+    from bockd.config import build_config
+    from bockd.storage import client, upload_folder
+
+    minio = client()
+    if not minio.bucket_exists("bockd-staging"):
+        minio.make_bucket("bockd-staging")
+    stage = "s3://bockd-staging/runs/run-keep/ensemble"
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "digits.npz").write_bytes(b"data")
+    (tmp_path / "trained").mkdir()
+    (tmp_path / "trained" / "model.safetensors").write_bytes(b"weights")
+
+    def rank0(obj: dict[str, Any]) -> None:
+        upload_folder(tmp_path / "trained", f"{stage}/model/")
+        trainjob.put_json(f"{stage}/result.json", {"students": [1], "mlflow_run_id": "r1", "final": {}})
+
+    fake.on_complete = rank0
+    raw = build_config("smoke", {"data": {"dataset": "digits"}}).to_dict()
+    result = trainjob.train_distributed(
+        raw,
+        tmp_path / "dataset",
+        tmp_path / "model",
+        staging_uri="s3://bockd-staging/runs",
+        image=IMAGE,
+        namespace=NS,
+        pipeline_run_id="run-keep",
+        api=api,
+        poll_s=POLL,
+        timeout_s=60,
+        mlflow_secret=None,
+        **kwargs,
+    )
+    assert result["students"] == [1]
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == b"weights"
+    return minio
+
+
+def test_cleanup_off_keeps_the_trainjob_and_staging(
+    fake: FakeTrainer, api: TrainJobApi, mlflow_stack: Any, tmp_path: Path
+) -> None:
+    minio = _launch_with_fake_rank0(fake, api, tmp_path, cleanup=False)
+    assert fake.calls("DELETE") == [] and len(fake.objects) == 1
+    assert _staged(minio, "runs/run-keep/") == [
+        "runs/run-keep/ensemble/dataset/digits.npz",
+        "runs/run-keep/ensemble/model/model.safetensors",
+        "runs/run-keep/ensemble/request.json",
+        "runs/run-keep/ensemble/result.json",
+    ]
+
+
+def test_a_failed_cleanup_warns_and_keeps_the_result(
+    fake: FakeTrainer, api: TrainJobApi, mlflow_stack: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.delete_status = 500
+    with caplog.at_level(logging.WARNING, logger="bockd.trainjob"):
+        minio = _launch_with_fake_rank0(fake, api, tmp_path)
+    assert len(fake.calls("DELETE")) == 1 and len(fake.objects) == 1
+    assert "cleanup after TrainJob" in caplog.text and "HTTP 500" in caplog.text
+    assert "runs/run-keep/ensemble/result.json" in _staged(minio, "runs/run-keep/")
