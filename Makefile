@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/serve.py
+
+# On a CUDA machine: the CUDA tests, then the paper networks' ensemble step (bf16 autocast and channels_last
+# by default on CUDA), eager and compiled, with the one-epoch and 450-epoch estimates (docs/benchmarks.md).
+GPU_BENCH := $(BIN)/python benchmarks/train_step.py --archs resnet110 densenet_bc_100_12 --iters 20 --warmup 5 --epoch-estimate
+bench-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m cuda
+	$(GPU_BENCH) --out benchmarks/results
+	$(GPU_BENCH) --compile --out benchmarks/results/compiled
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -58,9 +58,9 @@ PAPER_REFERENCE = (
     "paper: 2,581 minutes (43.0 h) to train the CIFAR-100 ResNet-110 ensemble on GTX 1080 Ti GPUs, "
     "450 epochs (the paper's own figure, not measured here)"
 )
-GPU_PENDING = (
-    "GPU figures (CUDA, NCCL) are not measured yet: they will be recorded by someone with a GPU later, with "
-    "the same command on a CUDA machine."
+CPU_ONLY = (
+    "These are CPU figures, not comparable with the paper's GPUs; on a CUDA machine the same command "
+    "measures with bf16 autocast and channels_last (add --compile for torch.compile)."
 )
 
 
@@ -341,7 +341,9 @@ def epoch_estimate(rows: list[dict[str, Any]], rate_key: str) -> str:
             f"| {r['arch']} | {r['device']} | {r.get('nproc', 1)} | {r[rate_key]:.0f} | {r['epoch_min']:.1f} "
             f"| {r['schedule_min']:,.0f} | {r['schedule_min'] / 60:,.1f} |"
         )
-    lines += ["", f"Reference, {PAPER_REFERENCE}.", GPU_PENDING]
+    lines += ["", f"Reference, {PAPER_REFERENCE}."]
+    if all(r["device"].startswith("cpu") for r in rows):
+        lines.append(CPU_ONLY)
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -99,6 +100,10 @@ class TrainResult:
         return out
 
 
+ONEDNN_CACHE_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_CAPACITY = "8192"  # 12 DenseNet-BC students would need ~4,800 (about 400 per student)
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,6 +147,12 @@ class Trainer:
                 f"size ({self.world_size}): each rank processes batch_size / world_size samples per step"
             )
         cuda = self.device.type == "cuda"
+        if self.device.type == "cpu":
+            # oneDNN caches 1,024 compiled primitives by default; five DenseNet-BC students need 1,930, and
+            # recompiling a third of them every step made the CPU step ~40 % slower (docs/benchmarks.md).
+            # oneDNN reads this when it first runs a convolution, so it takes effect in a process that has
+            # not convolved yet; a value the user set wins.
+            os.environ.setdefault(ONEDNN_CACHE_VAR, ONEDNN_CACHE_CAPACITY)
         self.amp = config.runtime.amp == "bf16" or (config.runtime.amp == "auto" and cuda)
         if self.amp and cuda and not torch.cuda.is_bf16_supported():
             raise ConfigError("runtime.amp: bf16 was asked for but this GPU does not support it")

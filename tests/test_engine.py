@@ -82,6 +82,20 @@ def test_validation_split_is_evaluated(tmp_path: Path) -> None:
     assert "val/s1/top1" in result.final and "test/s1/top1" in result.final
 
 
+def test_cpu_training_widens_the_onednn_kernel_cache_unless_set(digits, tmp_path: Path, monkeypatch) -> None:
+    """An ensemble of DenseNet students outgrows oneDNN's default 1,024 cached kernels (recompiled every step
+    otherwise); the engine raises the capacity for the process, and a value the user chose is kept."""
+    from bockd.engine import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_VAR
+
+    monkeypatch.setenv(ONEDNN_CACHE_VAR, "0")  # recorded, so the test's change is undone afterwards
+    monkeypatch.delenv(ONEDNN_CACHE_VAR)
+    Trainer(_config(), digits, tmp_path / "a")
+    assert os.environ[ONEDNN_CACHE_VAR] == ONEDNN_CACHE_CAPACITY
+    monkeypatch.setenv(ONEDNN_CACHE_VAR, "2048")
+    Trainer(_config(), digits, tmp_path / "b")
+    assert os.environ[ONEDNN_CACHE_VAR] == "2048"
+
+
 def test_finished_run_is_not_trained_again(digits, tmp_path: Path) -> None:
     first = Trainer(_config(epochs=1), digits, tmp_path).fit()
     before = load_file(str(tmp_path / "model.safetensors"))
