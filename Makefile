@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # The main job on offline data: the whole Kubeflow pipeline under kfp.local against the embedded S3 and
 # MLflow servers (digits, smoke preset: 5 ResNet-20 students + 5 baselines), the selected student
-# served by a local KServe model server and asked one prediction, then the summary table.
+# served by a local KServe model server and asked to classify 8 test images, then the summary table.
 demo: $(STAMP)
 	$(BIN)/bockd pipeline run --local
 

@@ -28,22 +28,30 @@ def summary_table(rows: list[dict[str, Any]], endpoints: list[dict[str, Any]]) -
     return "\n".join(lines)
 
 
-def predict_once(run: LocalRun, endpoints: list[dict[str, Any]]) -> list[str]:
-    """Send the first test image to every endpoint; one line per answer."""
+PROBE_IMAGES = 8  # the first test images, sent in one request: each answer shown, right or wrong
+
+
+def predict_once(run: LocalRun, endpoints: list[dict[str, Any]], n: int = PROBE_IMAGES) -> list[str]:
+    """Send the first ``n`` test images to every endpoint in one V1 request; a line per endpoint, then one
+    per image (true class, top-1 answer and its probability, right or wrong)."""
     from bockd.data import ImageDataset
     from bockd.serving.client import predict_v1
 
     test = ImageDataset.load(run.outputs["dataset"])
     classes = test.classes
-    image, label = test.test.x[0], int(test.test.y[0])
+    images, labels = test.test.x[:n], [int(y) for y in test.test.y[:n]]
     lines = []
     for e in endpoints:
-        answer = predict_v1(e["url"], e["name"], [image])[0]
-        top = answer["top_k"][0]
-        lines.append(
-            f"{e['name']} at {e['url']}: test image 0 (true class {classes[label]!r}) -> "
-            f"{top['class']!r} with p={top['probability']:.3f}"
-        )
+        answers = predict_v1(e["url"], e["name"], list(images))
+        tops = [a["top_k"][0] for a in answers]
+        right = sum(t["class"] == classes[y] for t, y in zip(tops, labels, strict=True))
+        where = f"{e['name']} at {e['url']}"
+        lines.append(f"prediction: {where}: the first {len(labels)} test images, {right} right")
+        for i, (top, y) in enumerate(zip(tops, labels, strict=True)):
+            verdict = "right" if top["class"] == classes[y] else "wrong"
+            lines.append(
+                f"  image {i}: true {classes[y]!r} -> {top['class']!r} (p={top['probability']:.3f}) {verdict}"
+            )
     return lines
 
 
@@ -51,7 +59,7 @@ def print_local_summary(run: LocalRun, *, mlflow_uri: str, out: TextIO = sys.std
     endpoints = run.endpoints()
     print("", file=out)
     for line in predict_once(run, endpoints):
-        print(f"prediction: {line}", file=out)
+        print(line, file=out)
     print("", file=out)
     print(summary_table(run.summary(), endpoints), file=out)
     print("(* = selected and deployed)", file=out)

@@ -61,6 +61,11 @@ def test_the_run_succeeds_and_prints_the_summary(local_run: dict[str, Any]) -> N
     rows = [line for line in text.splitlines() if line.startswith("| S")]
     assert len(rows) == STUDENTS
     assert "prediction: e2e-digits-resnet20-s" in text
+    # The served student classifies the first test images in one request; the tally counts the answers shown.
+    images = [line for line in text.splitlines() if line.startswith("  image ")]
+    assert len(images) == 8 and all(line.endswith((" right", " wrong")) for line in images)
+    right = sum(line.endswith(" right") for line in images)
+    assert f"the first 8 test images, {right} right" in text
     assert (local_run["run_dir"] / "report.html").is_file()
     for task in ("prepare-data", "train-ensemble", "train-baseline", "evaluate", "register", "deploy"):
         assert f"task {task}" in text
