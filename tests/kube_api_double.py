@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # The CRDs bockd's resources must satisfy: ../shared/schemas beside the checkout (CI puts it there too).
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
@@ -57,6 +58,46 @@ class ApiDouble:
 
     def calls(self, method: str) -> list[ApiRequest]:
         return [r for r in self.requests if r.method == method]
+
+
+@dataclass
+class CustomObjectDouble(ApiDouble):
+    """The API of one namespaced custom resource: POST to the collection (``create``), GET of one object
+    (after the controller's ``reconcile``), other verbs on one object (``modify``); a subclass plays the
+    controller. An unknown path is a 404, an unknown object the API server's NotFound."""
+
+    group: ClassVar[str]
+    version: ClassVar[str]
+    plural: ClassVar[str]
+    objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def handle(self, request: ApiRequest) -> tuple[int, dict[str, Any]]:
+        pattern = (
+            rf"^/apis/{re.escape(self.group)}/{self.version}/namespaces/([^/]+)/{self.plural}(?:/([^/]+))?$"
+        )
+        m = re.match(pattern, request.path)
+        if not m:
+            return 404, k8s_status(404, f"no route {request.path}")
+        ns, name = m.group(1), m.group(2)
+        if name is None:
+            if request.method == "POST":
+                return self.create(ns, request.body)
+            return 405, k8s_status(405, "only POST to the collection")
+        if (ns, name) not in self.objects:
+            return 404, k8s_status(404, f'{self.plural}.{self.group} "{name}" not found')
+        if request.method == "GET":
+            self.reconcile(ns, name)
+            return 200, copy.deepcopy(self.objects[ns, name])
+        return self.modify(request, ns, name)
+
+    def create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        raise NotImplementedError
+
+    def reconcile(self, ns: str, name: str) -> None:
+        raise NotImplementedError
+
+    def modify(self, request: ApiRequest, ns: str, name: str) -> tuple[int, dict[str, Any]]:
+        return 405, k8s_status(405, request.method)
 
 
 def _handler(double: ApiDouble) -> type[BaseHTTPRequestHandler]:

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kube_api_double import SCHEMAS, ApiDouble, ApiRequest, client_configuration, k8s_status, serve_api
+from kube_api_double import (
+    SCHEMAS,
+    ApiRequest,
+    CustomObjectDouble,
+    client_configuration,
+    k8s_status,
+    serve_api,
+)
 
 from bockd.errors import BockdError, ConfigError
 from bockd.serving.crd import CrdValidationError, crd_schema, validate_against_crd
@@ -50,7 +57,6 @@ URI_V1 = "s3://mlflow/1/abc/artifacts/student"
 URI_V2 = "s3://mlflow/1/def/artifacts/student"
 BAD_URI = "s3://mlflow/1/missing/artifacts/student"
 POLL = 0.01
-_PATH = re.compile(r"^/apis/serving\.kserve\.io/v1beta1/namespaces/([^/]+)/inferenceservices(?:/([^/]+))?$")
 
 
 # ------------------------------------------------------------------------------------------ test double
@@ -70,46 +76,32 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 @dataclass
-class FakeKServe(ApiDouble):
+class FakeKServe(CustomObjectDouble):
     """Test double of the Kubernetes API server + KServe controller (no API server can run here).
 
     ``ready_after``: GETs after a spec change until the controller settles. ``failing``: storage URIs whose
     revision fails (Ready=False, reason ``fail_reason``). ``hanging``: URIs that never become ready.
     """
 
+    group, version, plural = "serving.kserve.io", "v1beta1", "inferenceservices"
     ready_after: int = 2
     failing: set[str] = field(default_factory=set)
     hanging: set[str] = field(default_factory=set)
     fail_reason: str = "RevisionFailed"
-    objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     written: list[dict[str, Any]] = field(default_factory=list)  # every object as stored after a write
     _pending: dict[tuple[str, str], int] = field(default_factory=dict)
     _revisions: dict[tuple[str, str], list[tuple[str, str, bool]]] = field(default_factory=dict)
 
     # -- the API server
 
-    def handle(self, request: ApiRequest) -> tuple[int, dict[str, Any]]:
-        method, path, body = request.method, request.path, request.body
-        m = _PATH.match(path)
-        if not m:
-            return 404, k8s_status(404, f"no route {path}")
-        ns, name = m.group(1), m.group(2)
-        if method == "POST" and name is None:
-            return self._create(ns, body)
-        if name is None:
-            return 405, k8s_status(405, "only GET/PATCH of one object and POST to the collection")
-        if (ns, name) not in self.objects:
-            return 404, k8s_status(404, f'inferenceservices.serving.kserve.io "{name}" not found')
-        if method == "GET":
-            self._reconcile(ns, name)
-            return 200, copy.deepcopy(self.objects[ns, name])
-        if method == "PATCH":
-            if request.content_type != "application/merge-patch+json":
-                return 415, k8s_status(415, f"unsupported patch type {request.content_type}")
-            return self._patch(ns, name, body)
-        return 405, k8s_status(405, method)
+    def modify(self, request: ApiRequest, ns: str, name: str) -> tuple[int, dict[str, Any]]:
+        if request.method != "PATCH":
+            return 405, k8s_status(405, "only GET/PATCH of one object")
+        if request.content_type != "application/merge-patch+json":
+            return 415, k8s_status(415, f"unsupported patch type {request.content_type}")
+        return self._patch(ns, name, request.body)
 
-    def _create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         name = body["metadata"]["name"]
         if (ns, name) in self.objects:
             return 409, k8s_status(409, f'inferenceservices.serving.kserve.io "{name}" already exists')
@@ -142,7 +134,7 @@ class FakeKServe(ApiDouble):
 
     # -- the KServe controller
 
-    def _reconcile(self, ns: str, name: str) -> None:
+    def reconcile(self, ns: str, name: str) -> None:
         obj = self.objects[ns, name]
         status = obj.setdefault("status", {})
         if (ns, name) not in self._pending:

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kube_api_double import SCHEMAS, ApiDouble, ApiRequest, client_configuration, k8s_status, serve_api
+from kube_api_double import (
+    SCHEMAS,
+    ApiRequest,
+    CustomObjectDouble,
+    client_configuration,
+    k8s_status,
+    serve_api,
+)
 
 from bockd.errors import BockdError, ConfigError
 from bockd.serving.crd import CrdValidationError, validate_against_crd
@@ -50,7 +57,6 @@ REQUEST = f"s3://bockd-staging/{RUN_ID}/ensemble/request.json"
 POLL = 0.01
 TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 SELECTOR = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-_PATH = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
 _TIME = "2026-11-24T12:00:00Z"
 
 
@@ -62,44 +68,30 @@ def _condition(kind: str, reason: str, message: str) -> dict[str, Any]:
 
 
 @dataclass
-class FakeTrainer(ApiDouble):
+class FakeTrainer(CustomObjectDouble):
     """Test double of the Kubernetes API server + Trainer controller (no API server can run here).
 
     ``outcome``: ``complete`` (after ``complete_after`` GETs), ``fail`` (after as many, reason
     ``fail_reason``) or ``hang`` (running forever). ``on_complete`` runs once just before a job completes.
     """
 
+    group, version, plural = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
     outcome: str = "complete"
     complete_after: int = 3
     fail_reason: str = "FailedJobs"
     delete_status: int = 200  # another code: DELETE fails with it
     on_complete: Callable[[dict[str, Any]], None] | None = None
-    objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     _gets: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def handle(self, request: ApiRequest) -> tuple[int, dict[str, Any]]:
-        method, path, body = request.method, request.path, request.body
-        m = _PATH.match(path)
-        if not m:
-            return 404, k8s_status(404, f"no route {path}")
-        ns, name = m.group(1), m.group(2)
-        if method == "POST" and name is None:
-            return self._create(ns, body)
-        if name is None:
-            return 405, k8s_status(405, "only GET/DELETE of one object and POST to the collection")
-        if (ns, name) not in self.objects:
-            return 404, k8s_status(404, f'trainjobs.trainer.kubeflow.org "{name}" not found')
-        if method == "GET":
-            self._reconcile(ns, name)
-            return 200, copy.deepcopy(self.objects[ns, name])
-        if method == "DELETE" and self.delete_status != 200:
+    def modify(self, request: ApiRequest, ns: str, name: str) -> tuple[int, dict[str, Any]]:
+        if request.method != "DELETE":
+            return 405, k8s_status(405, "only GET/DELETE of one object")
+        if self.delete_status != 200:
             return self.delete_status, k8s_status(self.delete_status, "the API server could not delete it")
-        if method == "DELETE":
-            del self.objects[ns, name]
-            return 200, k8s_status(200, "deleted") | {"status": "Success"}
-        return 405, k8s_status(405, method)
+        del self.objects[ns, name]
+        return 200, k8s_status(200, "deleted") | {"status": "Success"}
 
-    def _create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         name = body["metadata"]["name"]
         if (ns, name) in self.objects:
             return 409, k8s_status(409, f'trainjobs.trainer.kubeflow.org "{name}" already exists')
@@ -124,7 +116,7 @@ class FakeTrainer(ApiDouble):
 
     # -- the Trainer controller
 
-    def _reconcile(self, ns: str, name: str) -> None:
+    def reconcile(self, ns: str, name: str) -> None:
         obj = self.objects[ns, name]
         status = obj.setdefault("status", {})
         conditions = status.setdefault("conditions", [])
