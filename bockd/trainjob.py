@@ -22,7 +22,8 @@ Conditions (the Trainer controller's): ``Created``, ``Suspended``, ``Complete``,
 ``Failed`` (raising `TrainJobError` with reason and message), on timeout, and on cancellation
 (KeyboardInterrupt, or SIGTERM, which KFP sends the launcher pod when the run is cancelled: re-raised).
 A retried launcher finds the TrainJob of its first attempt by name and watches it (one that already
-failed is deleted and created anew). ``spec.activeDeadlineSeconds`` (the launcher's timeout) stops the
+failed is deleted and created anew; one with another spec, found through the ``bockd.io/spec-sha256``
+annotation, is refused). ``spec.activeDeadlineSeconds`` (the launcher's timeout) stops the
 TrainJob even when the launcher pod is gone. After a success the launcher fetches the Model folder, then
 deletes the TrainJob and the run's staging objects.
 
@@ -76,6 +77,7 @@ MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "M
 FORWARDED_ENV = ("MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 ANNOTATION_RUN = "bockd.io/pipeline-run-id"
 ANNOTATION_REQUEST = "bockd.io/request-uri"
+ANNOTATION_SPEC = "bockd.io/spec-sha256"  # a found TrainJob is ours to watch only if its spec is the same
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 
 REQUEST_FILE = "request.json"
@@ -212,6 +214,11 @@ def _secret_env(secret: str, keys: tuple[str, ...], optional: bool) -> list[dict
     ]
 
 
+def spec_digest(obj: Mapping[str, Any]) -> str:
+    """SHA-256 of a TrainJob's ``spec`` (canonical JSON): what tells a retried launch from another one."""
+    return hashlib.sha256(json.dumps(obj["spec"], sort_keys=True).encode()).hexdigest()
+
+
 def build_trainjob(spec: TrainJobSpec, crd_path: str | Path | None = None) -> dict[str, Any]:
     """The TrainJob custom resource; checked against the CRD in ``crd_path`` when given (tests do)."""
     env: list[dict[str, Any]] = [{"name": k, "value": str(v)} for k, v in sorted(spec.env.items())]
@@ -269,6 +276,7 @@ def build_trainjob(spec: TrainJobSpec, crd_path: str | Path | None = None) -> di
     }
     if spec.active_deadline_seconds is not None:
         obj["spec"]["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    annotations[ANNOTATION_SPEC] = spec_digest(obj)
     if crd_path is not None:
         from bockd.serving.crd import validate_against_crd
 
@@ -384,6 +392,8 @@ def run_trainjob(
                 LOG.warning("%s failed before (%s); deleting it and starting again", where, describe(obj))
                 _delete_and_wait(api, spec, deadline, poll_s)
                 obj = None
+            elif obj is not None:
+                _check_same_spec(obj, body, where)
             if obj is None:
                 obj = api.create(spec.namespace, body)
                 created = obj is not None
@@ -391,6 +401,8 @@ def run_trainjob(
                     LOG.info(
                         "%s created: %d node(s) x %d process(es)", where, spec.num_nodes, spec.procs_per_node
                     )
+                elif (raced := api.get(spec.namespace, spec.name)) is not None:  # made since our GET
+                    _check_same_spec(raced, body, where)
             if not created:
                 LOG.info("%s exists already (a retried step): watching it", where)
             return _wait(api, spec, created, deadline, timeout_s, poll_s, on_poll)
@@ -398,6 +410,19 @@ def run_trainjob(
             LOG.warning("%s: cancelled; deleting it", where)
             api.delete(spec.namespace, spec.name)
             raise
+
+
+def _check_same_spec(found: Mapping[str, Any], body: Mapping[str, Any], where: str) -> None:
+    """A TrainJob of this name that another launch made (another config under the same run id) is not ours
+    to watch: its result would pass for this run's."""
+    theirs = ((found.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC)
+    if theirs != body["metadata"]["annotations"][ANNOTATION_SPEC]:
+        raise TrainJobError(
+            f"{where} exists with another spec ({ANNOTATION_SPEC} {theirs or 'missing'}): another launch "
+            "under the same pipeline run id? Wait for it or delete it "
+            f"(kubectl -n {body['metadata']['namespace']} delete trainjob {body['metadata']['name']}), "
+            "or use another run id"
+        )
 
 
 def _wait(

@@ -358,6 +358,20 @@ def test_existing_running_job_is_watched_not_recreated(fake: FakeTrainer, api: T
     assert fake.calls("POST") == [] and fake.calls("DELETE") == []
 
 
+def test_existing_job_with_another_spec_is_refused(fake: FakeTrainer, api: TrainJobApi) -> None:
+    """Against the test double (no API server here): a TrainJob of the same name that another launch made
+    (another config under the same run id) is neither watched nor touched; the error says what to do."""
+    fake.put(build_trainjob(spec_for(num_nodes=4)), _running())
+    with pytest.raises(TrainJobError, match=rf"another spec .*kubectl -n {NS} delete trainjob"):
+        run(api, spec_for())
+    assert fake.calls("POST") == [] and fake.calls("DELETE") == []
+    legacy = build_trainjob(spec_for())
+    del legacy["metadata"]["annotations"]["bockd.io/spec-sha256"]
+    fake.put(legacy, _running())
+    with pytest.raises(TrainJobError, match="spec-sha256 missing"):
+        run(api, spec_for())
+
+
 def test_existing_failed_job_is_deleted_and_recreated(fake: FakeTrainer, api: TrainJobApi) -> None:
     """Against the test double (no API server here): a first attempt's TrainJob that already failed is
     deleted and a new one created (it resumes from the S3 checkpoint)."""
