@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -130,4 +131,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (BockdError, ValueError) as err:
         print(f"bockd.serving: error: {err}", file=sys.stderr)
         sys.exit(2)
+    # What is loaded by now (torch, kserve, the model: ~466,000 objects) lives as long as the process.
+    # Freezing it keeps the collector's full passes from rescanning it: a batch of 32 images as JSON lists
+    # allocates ~33,000 lists, the full passes that set off took ~240 ms each, and they made the batch-32
+    # p99 9x the p50 (docs/benchmarks.md, "Serving").
+    gc.collect()
+    gc.freeze()
     server.start([model])
