@@ -51,9 +51,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_common import cpu_model, synthetic_dataset
 
 from bockd.config import build_config
-from bockd.data import ImageDataset, ImageSplit
 from bockd.engine import Trainer
 from bockd.export import ONNX_FILE, export_student, load_student, read_student_config
 from bockd.serving.local import start_local_server, stop_all_local_servers, stop_local_server
@@ -73,18 +73,6 @@ def log(msg: str) -> None:
 # -- setup: a finished run and its exported students ----------------------------------------------------
 
 
-def synthetic_dataset(
-    n: int = 64, image_size: int = 32, channels: int = 3, num_classes: int = 10
-) -> ImageDataset:
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(n, image_size, image_size, channels), dtype=np.uint8)
-    y = np.arange(n, dtype=np.int64) % num_classes
-    split = ImageSplit(x=x, y=y)
-    return ImageDataset(
-        name="synthetic", classes=[str(c) for c in range(num_classes)], train=split, test=split
-    )
-
-
 def export_students(arch: str, num_students: int, students: list[int], workdir: Path) -> dict[int, Path]:
     """Train one epoch on synthetic data (weights do not matter for speed) and export the students."""
     run_dir = workdir / f"{arch}-run"
@@ -95,7 +83,7 @@ def export_students(arch: str, num_students: int, students: list[int], workdir: 
         "runtime": {"device": "cpu", "progress": "off"},
     }
     start = time.perf_counter()
-    Trainer(build_config("paper-cifar10", overrides), synthetic_dataset(), run_dir).fit()  # resumes if done
+    Trainer(build_config("paper-cifar10", overrides), synthetic_dataset(64), run_dir).fit()  # resumes if done
     log(f"run {run_dir} ready ({time.perf_counter() - start:.0f} s)")
     folders = {}
     for k in students:
@@ -258,7 +246,7 @@ def _version(pkg: str) -> str:
 def machine(threads: int) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "threads": threads,
         "torch": torch.__version__,
@@ -266,13 +254,6 @@ def machine(threads: int) -> dict[str, Any]:
         "kserve": _version("kserve"),
         "loadavg_1m_at_start": os.getloadavg()[0],
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return info
 
 

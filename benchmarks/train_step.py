@@ -44,12 +44,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from bench_common import cpu_model, synthetic_dataset
 
 from bockd import distributed as dist
 from bockd.config import build_config
-from bockd.data import ImageDataset, ImageSplit
+from bockd.data import ImageDataset
 from bockd.engine import Trainer
 
 EPOCH_IMAGES = 50_000  # CIFAR-10 and CIFAR-100 training sets alike
@@ -62,16 +62,6 @@ CPU_ONLY = (
     "These are CPU figures, not comparable with the paper's GPUs; on a CUDA machine the same command "
     "measures with bf16 autocast and channels_last (add --compile for torch.compile)."
 )
-
-
-def synthetic_dataset(image_size: int, channels: int, num_classes: int, n: int = 256) -> ImageDataset:
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(n, image_size, image_size, channels), dtype=np.uint8)
-    y = np.arange(n, dtype=np.int64) % num_classes
-    split = ImageSplit(x=x, y=y)
-    return ImageDataset(
-        name="synthetic", classes=[str(c) for c in range(num_classes)], train=split, test=split
-    )
 
 
 def _sync(device: torch.device) -> None:
@@ -89,8 +79,9 @@ def _fixed_batch(trainer: Trainer, batch_size: int) -> tuple[torch.Tensor, torch
     return x, y
 
 
-def time_step(trainer: Trainer, batch_size: int, warmup: int, iters: int) -> float:
-    """Median seconds of one training step on a fixed, device-resident batch."""
+def _step_seconds(trainer: Trainer, batch_size: int, warmup: int, iters: int) -> list[float]:
+    """Seconds of each timed training step on a fixed, device-resident batch of ``batch_size``. Every
+    step starts after a barrier (nothing in one process), so under DDP the ranks start together."""
     x, y = _fixed_batch(trainer, batch_size)
     trainer.model.train()
     for _ in range(warmup):
@@ -98,41 +89,46 @@ def time_step(trainer: Trainer, batch_size: int, warmup: int, iters: int) -> flo
     _sync(trainer.device)
     times = []
     for _ in range(iters):
+        dist.barrier()
         start = time.perf_counter()
         trainer.train_step(x, y)
         _sync(trainer.device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def time_step(trainer: Trainer, batch_size: int, warmup: int, iters: int) -> float:
+    """Median seconds of one training step on a fixed, device-resident batch."""
+    return statistics.median(_step_seconds(trainer, batch_size, warmup, iters))
+
+
+def trainer_for(
+    arch: str, args: argparse.Namespace, dataset: ImageDataset, workdir: str, **over: Any
+) -> Trainer:
+    """The training Trainer of the paper-cifar10 preset for ``arch`` and the command's settings."""
+    common = {
+        "batch_size": args.batch_size,
+        "model": {"arch": arch, "num_students": args.num_students},
+        "runtime": {"device": args.device, "compile": args.compile, "progress": "off"},
+        "data": {"dataset": "cifar10"},
+    }
+    return Trainer(build_config("paper-cifar10", {**common, **over}), dataset, workdir)
 
 
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
 def bench_arch(arch: str, args: argparse.Namespace, dataset: ImageDataset) -> dict[str, Any]:
-    runtime = {"device": args.device, "compile": args.compile, "progress": "off"}
-    common = {
-        "batch_size": args.batch_size,
-        "model": {"arch": arch, "num_students": args.num_students},
-        "runtime": runtime,
-        "data": {"dataset": "cifar10"},
-    }
-    ensemble = Trainer(build_config("paper-cifar10", common), dataset, args.workdir)
+    ensemble = trainer_for(arch, args, dataset, args.workdir)
     t_ens = time_step(ensemble, args.batch_size, args.warmup, args.iters)
     row: dict[str, Any] = {
         "arch": arch,
@@ -147,8 +143,8 @@ def bench_arch(arch: str, args: argparse.Namespace, dataset: ImageDataset) -> di
     }
     del ensemble
     for k in range(args.num_students):
-        cfg = build_config("paper-cifar10", {**common, "mode": "baseline", "student": k})
-        t = time_step(Trainer(cfg, dataset, args.workdir), args.batch_size, args.warmup, args.iters)
+        baseline = trainer_for(arch, args, dataset, args.workdir, mode="baseline", student=k)
+        t = time_step(baseline, args.batch_size, args.warmup, args.iters)
         row["baselines"].append({"student": f"S{k + 1}", "step_s": t, "images_per_s": args.batch_size / t})
     total = sum(b["step_s"] for b in row["baselines"])
     row["baselines_total_step_s"] = total
@@ -186,18 +182,7 @@ def time_step_ranks(trainer: Trainer, batch_size: int, warmup: int, iters: int) 
     """Seconds of each timed step on every rank (``[rank][iter]``), each rank on its slice of one fixed
     global batch of ``batch_size``. Every rank starts each step after a barrier, so a step's group time is
     the slowest rank's."""
-    x, y = _fixed_batch(trainer, batch_size // trainer.world_size)
-    trainer.model.train()
-    for _ in range(warmup):
-        trainer.train_step(x, y)
-    _sync(trainer.device)
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        start = time.perf_counter()
-        trainer.train_step(x, y)
-        _sync(trainer.device)
-        times.append(time.perf_counter() - start)
+    times = _step_seconds(trainer, batch_size // trainer.world_size, warmup, iters)
     table = torch.zeros(trainer.world_size, iters, dtype=torch.float64, device=trainer.device)
     table[trainer.rank] = torch.tensor(times, dtype=torch.float64)
     return dist.all_reduce_sum(table).tolist()
@@ -207,17 +192,11 @@ def ddp_worker(args: argparse.Namespace) -> None:
     """One rank under ``torch.distributed.run``: times the ensemble step of every arch; rank 0 writes
     the figures to ``--worker-out``."""
     torch.set_num_threads(args.threads_per_rank)
-    dataset = synthetic_dataset(32, 3, 10)
+    dataset = synthetic_dataset(256)
     workdir = tempfile.mkdtemp(prefix="bockd-bench-")  # no fit(): nothing is written there
     rows = []
     for arch in args.archs:
-        common = {
-            "batch_size": args.batch_size,
-            "model": {"arch": arch, "num_students": args.num_students},
-            "runtime": {"device": args.device, "compile": args.compile, "progress": "off"},
-            "data": {"dataset": "cifar10"},
-        }
-        trainer = Trainer(build_config("paper-cifar10", common), dataset, workdir)
+        trainer = trainer_for(arch, args, dataset, workdir)
         per_rank = time_step_ranks(trainer, args.batch_size, args.warmup, args.iters)
         group = [max(step) for step in zip(*per_rank, strict=True)]
         step_s = statistics.median(group)
@@ -396,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         stem = "train_step-ddp"
         rate_key = "images_per_s"
     else:
-        dataset = synthetic_dataset(32, 3, 10)
+        dataset = synthetic_dataset(256)
         args.workdir = tempfile.mkdtemp(
             prefix="bockd-bench-"
         )  # trainers write nothing here: no fit() is called

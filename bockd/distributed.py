@@ -20,9 +20,11 @@ from bockd.errors import ConfigError
 
 __all__ = [
     "all_reduce_sum",
+    "all_reduce_sums",
     "barrier",
     "broadcast_object",
     "broadcast_tensors",
+    "env_rank",
     "env_world_size",
     "init_from_env",
     "is_distributed",
@@ -43,6 +45,11 @@ def env_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError as err:
         raise ConfigError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") from err
+
+
+def env_rank() -> int:
+    """``RANK`` from the environment (0 when unset): this process's rank before any process group."""
+    return int(os.environ.get("RANK") or 0)
 
 
 def is_distributed() -> bool:
@@ -111,6 +118,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_sums(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor summed over every rank, in one collective; float32, in the given shapes. The sums
+    travel as float64, so counts of samples and hits stay exact (in a single process: the values)."""
+    if not is_distributed():
+        return [t.float() for t in tensors]
+    flat = all_reduce_sum(torch.cat([t.detach().double().flatten() for t in tensors]))
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view_as(t).float() for part, t in zip(parts, tensors, strict=True)]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

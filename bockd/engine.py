@@ -190,11 +190,9 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if cuda else None
             )
-        train_module = self.ddp if self.ddp is not None else self.model
-        self.forward = torch.compile(train_module) if config.runtime.compile else train_module
-        self.eval_forward = self.forward
-        if self.ddp is not None:
-            self.eval_forward = torch.compile(self.model) if config.runtime.compile else self.model
+        maybe_compile = torch.compile if config.runtime.compile else (lambda module: module)
+        self.forward = maybe_compile(self.ddp if self.ddp is not None else self.model)
+        self.eval_forward = self.forward if self.ddp is None else maybe_compile(self.model)
 
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -381,11 +379,9 @@ class Trainer:
         if self.world_size > 1:
             # Sums and counts over every rank: the metrics of the whole global epoch. Then every rank
             # takes rank 0's BatchNorm buffers, so evaluation and checkpoints see one model.
-            packed = torch.cat([terms.flatten(), correct, torch.tensor([float(seen)], device=self.device)])
-            packed = dist.all_reduce_sum(packed.double())
-            terms = packed[: terms.numel()].view_as(terms).float()
-            correct = packed[terms.numel() : -1].float()
-            seen = int(packed[-1].item())
+            count = torch.tensor(float(seen), device=self.device)
+            terms, correct, count = dist.all_reduce_sums(terms, correct, count)
+            seen = int(count.item())
             dist.broadcast_tensors(list(self.model.buffers()))
         terms, correct = (terms / seen).cpu(), (correct * 100.0 / seen).cpu()  # the one sync per epoch
         seconds = time.perf_counter() - start
@@ -446,10 +442,8 @@ class Trainer:
                 hits[i, 1] += (top == y[:, None]).any(1).sum()
             count += y.shape[0]
         if self.world_size > 1:  # sharded evaluation: hit counts and sample counts summed over ranks
-            packed = dist.all_reduce_sum(
-                torch.cat([hits.flatten(), torch.tensor([float(count)], device=self.device)]).double()
-            )
-            hits, count = packed[:-1].view_as(hits).float(), int(packed[-1].item())
+            hits, total = dist.all_reduce_sums(hits, torch.tensor(float(count), device=self.device))
+            count = int(total.item())
         hits = (hits * 100.0 / max(count, 1)).cpu()
         out_metrics: dict[str, float] = {}
         for i, label in enumerate(labels):

@@ -88,6 +88,16 @@ def final_test_metrics(final: dict[str, float]) -> dict[str, float]:
     return {k.removeprefix("test/").replace("/", "-"): v for k, v in final.items() if k.startswith("test/")}
 
 
+def publish_ensemble(result: dict[str, Any], model: Any, metrics: Any, mlflow_run_id_path: str) -> list[int]:
+    """A training component's outputs from ``train_ensemble``'s result: the final test metrics, the Model
+    artifact's metadata, the MLflow run id file; returns the student numbers (the evaluate loop's items)."""
+    for key, value in final_test_metrics(result["final"]).items():
+        metrics.log_metric(key, value)
+    model.metadata.update({"students": result["students"], "mlflow_run_id": result["mlflow_run_id"]})
+    Path(mlflow_run_id_path).write_text(result["mlflow_run_id"])
+    return result["students"]
+
+
 # -- checkpoints in S3, so a rescheduled training pod resumes ---------------------------------------
 class S3CheckpointSync:
     """Engine callback: uploads every checkpoint to ``uri``; :meth:`restore` fetches it back first."""
@@ -430,6 +440,15 @@ CLUSTER_DEPLOY_OPTIONS = (
 )  # fmt: skip
 
 
+def check_deploy_option_keys(options: dict[str, Any], internal: tuple[str, ...] = ()) -> None:
+    """``deploy_options`` may hold only `CLUSTER_DEPLOY_OPTIONS` (and the ``internal`` keys the step adds)."""
+    unknown = sorted(set(options) - {*CLUSTER_DEPLOY_OPTIONS, *internal})
+    if unknown:
+        raise ConfigError(
+            f"deploy_options: unknown keys {unknown}; expected some of {', '.join(CLUSTER_DEPLOY_OPTIONS)}"
+        )
+
+
 def storage_uri(mlflow: Any, name: str, version: str, artifacts_destination: str) -> str:
     """The S3 location of a registered version's files, as KServe's storage initializer needs it.
 
@@ -459,13 +478,7 @@ def _deploy_cluster(
     from bockd.serving.deploy import DeploySpec, KubeApi, deploy_inference_service
 
     opts = dict(options)
-    unknown = sorted(
-        set(opts) - {*CLUSTER_DEPLOY_OPTIONS, "namespace", "tracking_uri", "artifacts_destination"}
-    )
-    if unknown:
-        raise ConfigError(
-            f"deploy_options: unknown keys {unknown}; expected {', '.join(CLUSTER_DEPLOY_OPTIONS)}"
-        )
+    check_deploy_option_keys(opts, internal=("namespace", "tracking_uri", "artifacts_destination"))
     namespace = pod_namespace(opts.pop("namespace", ""), "serving_namespace")
     mlflow = MlflowClient(opts.pop("tracking_uri"))
     destination = opts.pop("artifacts_destination")

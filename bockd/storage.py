@@ -8,12 +8,14 @@ or compiled pipelines.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from bockd.errors import DataError
@@ -147,3 +149,23 @@ def delete_prefix(uri: str, endpoint: str | None = None) -> int:
     if errors:
         raise DataError(f"staging: could not delete {len(errors)} object(s) under {uri!r}: {errors[0]}")
     return len(names)
+
+
+def put_json(uri: str, value: Any, endpoint: str | None = None) -> None:
+    """Write ``value`` as one JSON object at ``uri`` (its bucket must exist)."""
+    loc = check_bucket(uri, "destination", endpoint)
+    data = json.dumps(value, indent=2, sort_keys=True).encode()
+    client(endpoint).put_object(
+        loc.bucket, loc.prefix, io.BytesIO(data), len(data), content_type="application/json"
+    )
+
+
+def get_json(uri: str, endpoint: str | None = None) -> Any:
+    """The JSON object at ``uri``."""
+    loc = S3Uri.parse(uri)
+    response = client(endpoint).get_object(loc.bucket, loc.prefix)
+    try:
+        return json.loads(response.read())
+    finally:
+        response.close()
+        response.release_conn()

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -53,8 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bockd.distributed import env_rank
 from bockd.errors import BockdError, ConfigError
 from bockd.kube import CustomResourceApi, pod_namespace
+from bockd.storage import get_json, put_json
 
 LOG = logging.getLogger("bockd.trainjob")
 
@@ -499,32 +500,7 @@ class TrainRequest:
         return cls(**raw)
 
 
-def put_json(uri: str, value: Any) -> None:
-    from bockd.storage import S3Uri, check_bucket, client
-
-    check_bucket(uri, "staging_uri")
-    loc = S3Uri.parse(uri)
-    data = json.dumps(value, indent=2, sort_keys=True).encode()
-    client().put_object(loc.bucket, loc.prefix, io.BytesIO(data), len(data), content_type="application/json")
-
-
-def get_json(uri: str) -> Any:
-    from bockd.storage import S3Uri, client
-
-    loc = S3Uri.parse(uri)
-    response = client().get_object(loc.bucket, loc.prefix)
-    try:
-        return json.loads(response.read())
-    finally:
-        response.close()
-        response.release_conn()
-
-
 # ------------------------------------------------------------------------------------------ the worker
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK") or 0)
 
 
 def run_worker(request: TrainRequest) -> dict[str, Any] | None:
@@ -532,7 +508,7 @@ def run_worker(request: TrainRequest) -> dict[str, Any] | None:
     from bockd import steps
     from bockd.storage import download_prefix, upload_folder
 
-    me = rank()
+    me = env_rank()
     with tempfile.TemporaryDirectory(prefix="bockd-worker-") as tmp:
         data_dir = download_prefix(request.data_uri, Path(tmp) / "data")
         if me != 0:
@@ -575,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bockd.trainjob", description=__doc__.split("\n")[0])
     parser.add_argument("--request", required=True, help="s3:// URI of the JSON train request")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank()} %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{env_rank()} %(name)s %(message)s")
     run_worker(TrainRequest.from_dict(get_json(args.request)))
     return 0
 

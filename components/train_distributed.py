@@ -39,7 +39,7 @@ def train_distributed(
     ``<pipeline_run_id>/ensemble/``). ``namespace`` empty: this pod's namespace. ``mlflow_secret`` empty:
     none. Returns the student numbers (the evaluate loop runs over them).
     """
-    from bockd.steps import checkpoint_prefix, final_test_metrics
+    from bockd.steps import checkpoint_prefix, publish_ensemble
     from bockd.trainjob import train_distributed as run
 
     # A retried step finds the TrainJob of its first attempt; a failed one resumes from this checkpoint.
@@ -68,9 +68,4 @@ def train_distributed(
         s3_secret=s3_secret or None,
         mlflow_secret=mlflow_secret or None,
     )
-    for key, value in final_test_metrics(out["final"]).items():
-        metrics.log_metric(key, value)
-    model.metadata.update({"students": out["students"], "mlflow_run_id": out["mlflow_run_id"]})
-    with open(mlflow_run_id, "w") as f:
-        f.write(out["mlflow_run_id"])
-    return out["students"]
+    return publish_ensemble(out, model, metrics, mlflow_run_id)

@@ -18,7 +18,7 @@ def train_ensemble(
 
     Returns the student numbers (the evaluate loop runs over them).
     """
-    from bockd.steps import checkpoint_prefix, final_test_metrics
+    from bockd.steps import checkpoint_prefix, publish_ensemble
     from bockd.steps import train_ensemble as run
 
     # A retried pod resumes from the checkpoint this pipeline run left in S3.
@@ -33,9 +33,4 @@ def train_ensemble(
         checkpoint_uri=ckpt,
         tags={"kfp.run_id": pipeline_run_id},
     )
-    for key, value in final_test_metrics(out["final"]).items():
-        metrics.log_metric(key, value)
-    model.metadata.update({"students": out["students"], "mlflow_run_id": out["mlflow_run_id"]})
-    with open(mlflow_run_id, "w") as f:
-        f.write(out["mlflow_run_id"])
-    return out["students"]
+    return publish_ensemble(out, model, metrics, mlflow_run_id)

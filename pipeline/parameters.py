@@ -26,13 +26,9 @@ CLUSTER_MLFLOW_URI = "http://mlflow.bockd.svc.cluster.local:5000"  # the MLflow 
 def _check_deploy_options(options: dict[str, Any]) -> None:
     """Unknown keys or values an InferenceService would refuse fail here, not in the deploy step."""
     from bockd.serving.deploy import DeploySpec
-    from bockd.steps import CLUSTER_DEPLOY_OPTIONS
+    from bockd.steps import check_deploy_option_keys
 
-    unknown = sorted(set(options) - set(CLUSTER_DEPLOY_OPTIONS))
-    if unknown:
-        raise ConfigError(
-            f"deploy_options: unknown keys {unknown}; expected some of {', '.join(CLUSTER_DEPLOY_OPTIONS)}"
-        )
+    check_deploy_option_keys(options)
     spec = {k: v for k, v in options.items() if k not in ("timeout_s", "poll_s")}
     try:
         DeploySpec("check", "check", "s3://check/model", **spec)

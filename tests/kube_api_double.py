@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 # The CRDs bockd's resources must satisfy: ../shared/schemas beside the checkout (CI puts it there too).
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
@@ -100,6 +100,9 @@ class CustomObjectDouble(ApiDouble):
         return 405, k8s_status(405, request.method)
 
 
+D = TypeVar("D", bound=ApiDouble)
+
+
 def _handler(double: ApiDouble) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def _serve(self) -> None:
@@ -130,18 +133,20 @@ def _handler(double: ApiDouble) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def serve_api(double: ApiDouble) -> Iterator[None]:
-    """Serve ``double`` on a free port of 127.0.0.1 (its ``host``) until the block ends."""
+def serve_api(double: D) -> Iterator[D]:
+    """Serve ``double`` on a free port of 127.0.0.1 (its ``host``) until the block ends; a block that ends
+    normally must leave no CRD violation behind (an object bockd wrote, or a status the double made up)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(double))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     double.host = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield
+        yield double
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
+    assert double.rejected == [], f"broke the CRD schema: {double.rejected}"
 
 
 def client_configuration(double: ApiDouble) -> Any:

@@ -45,11 +45,20 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int, flip: b
         raise DataError(f"augment_batch: x must be [B, H, W, C], got shape {tuple(x.shape)}")
     if pad < 0:
         raise ConfigError(f"augment_batch: pad must be >= 0, got {pad}")
-    b = x.shape[0]
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=x.device)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=x.device)
-    flips = torch.rand(b, generator=generator, device=x.device) < 0.5 if flip else None
+    oy, ox, flips = draw_crop_flip(x.shape[0], generator, pad, flip)
     return crop_flip(x, oy, ox, flips, pad)
+
+
+def draw_crop_flip(
+    b: int, generator: torch.Generator, pad: int, flip: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`augment_batch`'s draws for a batch of ``b`` (on the generator's device): row offsets, column
+    offsets, flips (None without flip). A rank slices the whole global batch's draws to its samples."""
+    device = generator.device
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)
+    flips = torch.rand(b, generator=generator, device=device) < 0.5 if flip else None
+    return oy, ox, flips
 
 
 def to_model_input(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bockd.data.augment import augment_batch, crop_flip, to_model_input
+from bockd.data.augment import crop_flip, draw_crop_flip, to_model_input
 from bockd.data.dataset import ImageSplit
 from bockd.errors import ConfigError
 
@@ -260,49 +260,21 @@ class _BatchSpec:
         mean: torch.Tensor,
         std: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch i from tensors on any one device; `gen` (on that device) is re-seeded for this batch."""
+        """This rank's slice of batch i (the whole batch in one process) from tensors on any one device;
+        `gen` (on that device) is re-seeded for this batch. A slice has the very samples and augmentation
+        the single-process batch has at those positions: the draws are made for the whole global batch."""
         lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.n)
-        if self.world_size > 1:
-            return self._build_shard(epoch, i, lo, hi, x, y, perm, gen, mean, std)
-        if perm is None:
-            xb, yb = x[lo:hi], y[lo:hi].clone()  # clone: never hand out a view of the dataset
-        else:
-            idx = perm[lo:hi]
-            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-            if self.pad > 0 or self.flip:
-                gen.manual_seed(batch_seed(self.seed, epoch, i))
-                xb = augment_batch(xb, gen, self.pad, self.flip)
-        return to_model_input(xb, mean, std, self.channels_last, self.dtype), yb
-
-    def _build_shard(
-        self,
-        epoch: int,
-        i: int,
-        lo: int,
-        hi: int,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        perm: torch.Tensor | None,
-        gen: torch.Generator,
-        mean: torch.Tensor,
-        std: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of global batch i: the same samples and augmentation the single-process
-        batch has at those positions (the draws follow ``augment_batch``'s order for the whole batch)."""
         start, end = self._shard_bounds(hi - lo)
         if perm is None:
-            xb, yb = x[lo + start : lo + end], y[lo + start : lo + end].clone()
+            xb, yb = x[lo + start : lo + end], y[lo + start : lo + end].clone()  # clone: never a dataset view
         else:
             idx = perm[lo + start : lo + end]
             xb, yb = x.index_select(0, idx), y.index_select(0, idx)
             if self.pad > 0 or self.flip:
                 gen.manual_seed(batch_seed(self.seed, epoch, i))
-                m, p = hi - lo, self.pad
-                oy = torch.randint(0, 2 * p + 1, (m,), generator=gen, device=x.device)
-                ox = torch.randint(0, 2 * p + 1, (m,), generator=gen, device=x.device)
-                flips = torch.rand(m, generator=gen, device=x.device) < 0.5 if self.flip else None
-                sl = slice(start, end)
-                xb = crop_flip(xb, oy[sl], ox[sl], None if flips is None else flips[sl], p)
+                oy, ox, flips = draw_crop_flip(hi - lo, gen, self.pad, self.flip)
+                mine = slice(start, end)
+                xb = crop_flip(xb, oy[mine], ox[mine], None if flips is None else flips[mine], self.pad)
         return to_model_input(xb, mean, std, self.channels_last, self.dtype), yb
 
 

@@ -1,0 +1,32 @@
+"""What the benchmark scripts share: the machine they ran on, the synthetic CIFAR-shaped data they time."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from bockd.data import ImageDataset, ImageSplit
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def synthetic_dataset(n: int, image_size: int = 32, channels: int = 3, num_classes: int = 10) -> ImageDataset:
+    """``n`` seeded random uint8 images (train and test alike): weights and speed do not depend on content."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(n, image_size, image_size, channels), dtype=np.uint8)
+    y = np.arange(n, dtype=np.int64) % num_classes
+    split = ImageSplit(x=x, y=y)
+    return ImageDataset(
+        name="synthetic", classes=[str(c) for c in range(num_classes)], train=split, test=split
+    )
