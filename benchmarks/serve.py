@@ -135,7 +135,7 @@ def raw_runner(folder: Path, backend: str, threads: int) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads  # what the server's _OnnxRunner sets from torch.get_num_threads()
+    opts.intra_op_num_threads = threads  # what the server sets (bockd.serving.model.intra_op_threads)
     session = ort.InferenceSession(
         str(folder / ONNX_FILE), sess_options=opts, providers=["CPUExecutionProvider"]
     )

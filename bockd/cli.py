@@ -118,13 +118,39 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         num_students=args.num_students,
         data_path=args.data_path,
         overrides=_overrides(args),
-        baselines=not args.no_baselines,
+        baselines=_baseline_choice(args),
+        runs_dir=args.runs_dir,
     )
     print(markdown_table(summary, summary["title"]))
     print(
         f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}, "
         f"{Path(args.out) / 'accuracy_vs_params.png'}"
     )
+    return 0
+
+
+def _baseline_choice(args: argparse.Namespace) -> bool | list[int]:
+    """--no-baselines, --baselines 1,5 (1-based students) or every student."""
+    if args.no_baselines:
+        return False
+    if args.baselines is None or args.baselines == "all":
+        return True
+    try:
+        return [int(k) - 1 for k in args.baselines.split(",")]
+    except ValueError:
+        raise BockdError(
+            f"--baselines: expected 'all' or 1-based students like 1,5, got {args.baselines!r}"
+        ) from None
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from bockd.study import comparison_markdown, load_study, run_study
+
+    spec = load_study(args.study)
+    table = run_study(spec, args.out)
+    print(comparison_markdown(table, table["title"]))
+    out = Path(args.out)
+    print(f"results: {out / 'study.md'}, {out / 'study.json'}, {out / 'study.png'}; per recipe {out}/<name>/")
     return 0
 
 
@@ -257,10 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     p.add_argument("--seeds", default="1", help="a count (3 = seeds 0,1,2) or a list (0,4,7)")
     p.add_argument("--num-students", type=int, default=5)
-    p.add_argument("--no-baselines", action="store_true")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--baselines", help="students that get a baseline run: 'all' (default) or e.g. 1,5")
+    which.add_argument("--no-baselines", action="store_true")
     p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--runs-dir", help="keep the runs here, shared with other reproductions (default: --out)")
     common(p)
     p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("study", help="compare training recipes, each against its own baselines (YAML study)")
+    p.add_argument("study", help="study file: dataset, arch, seeds, baselines, common settings, recipes")
+    p.add_argument("--out", default="runs/study", help="runs, per-recipe results and the comparison")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("services", help="the embedded S3 (SeaweedFS) and MLflow servers on 127.0.0.1")
     p.add_argument("action", choices=["up", "down", "status"])
@@ -280,7 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in the URL (default: the folder name, or 'ensemble')")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument(
+        "--backend",
+        choices=["onnx", "torch"],
+        default="onnx",
+        help="ONNX Runtime (what the cluster serves) or PyTorch",
+    )
     p.add_argument(
         "--cache-dir", default=".bockd/models", help="where s3:// and models:/ sources are downloaded"
     )

@@ -3,13 +3,15 @@
 An exported student is ``model.safetensors`` (weights), ``config.json`` (everything needed to rebuild
 and feed it: architecture, widths, classes, mean/std, input shape) and ``model.onnx`` (the same network
 for ONNX Runtime, batch dimension dynamic).
+
+The folder's file names and config card format live in ``bockd.export_format`` (no torch), shared with
+the model server; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,34 +23,19 @@ from safetensors.torch import load_file
 from bockd.checkpoint import current_umask, write_json, write_safetensors
 from bockd.engine import MODEL_CONFIG, RUN_FORMAT, WEIGHTS
 from bockd.errors import CheckpointError
+from bockd.export_format import (
+    CONFIG_FILE,
+    ONNX_FILE,
+    STUDENT_FORMAT,
+    WEIGHTS_FILE,
+    read_student_config,
+    read_versioned_json,
+)
 from bockd.models import Student, build_student, create_model, student_table
-
-STUDENT_FORMAT = "bockd-student/1"
-ONNX_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} cannot be read as JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _read_versioned_json(path: Path, fmt: str, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: no {path.name}; expected {what}")
-    data = _read_json(path)
-    if data.get("format") != fmt:
-        raise CheckpointError(f"{path}: format {data.get('format')!r} is not {fmt!r}")
-    return data
 
 
 def read_run_card(run_dir: str | Path) -> dict[str, Any]:
-    return _read_versioned_json(Path(run_dir) / MODEL_CONFIG, RUN_FORMAT, "a finished training run folder")
+    return read_versioned_json(Path(run_dir) / MODEL_CONFIG, RUN_FORMAT, "a finished training run folder")
 
 
 def _load_weights(model: torch.nn.Module, weights: Path, what: str, device: str = "cpu") -> None:
@@ -161,7 +148,7 @@ def export_student(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a serving container reads this folder
     try:
-        write_safetensors(tmp / "model.safetensors", student.state_dict(), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS_FILE, student.state_dict(), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
         if onnx:
             export_onnx(student, tmp / ONNX_FILE, config["input_shape"])
@@ -191,10 +178,6 @@ def export_onnx(student: Student, path: Path, input_shape: list[int]) -> None:
         )
 
 
-def read_student_config(folder: str | Path) -> dict[str, Any]:
-    return _read_versioned_json(Path(folder) / CONFIG_FILE, STUDENT_FORMAT, "an exported student folder")
-
-
 def load_student(folder: str | Path, device: str | torch.device = "cpu") -> Student:
     """Rebuild an exported student from its config and safetensors weights (no pickle), in eval mode."""
     config = read_student_config(folder)
@@ -209,5 +192,5 @@ def load_student(folder: str | Path, device: str | torch.device = "cpu") -> Stud
         index=config["index"],
     )
     name = config.get("name", f"{config['arch']}-s{config['index'] + 1}")
-    _load_weights(student, Path(folder) / "model.safetensors", name, device=str(device))
+    _load_weights(student, Path(folder) / WEIGHTS_FILE, name, device=str(device))
     return student.to(device).eval()

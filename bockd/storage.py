@@ -58,7 +58,7 @@ def client(endpoint: str | None = None) -> Minio:
     if not endpoint:
         raise DataError(
             f"S3 endpoint: none given and none of {', '.join(ENDPOINT_VARS)} is set "
-            "(expected e.g. http://minio-service.kubeflow:9000)"
+            "(expected e.g. http://seaweedfs.kubeflow:9000, Kubeflow's own object store)"
         )
     parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
     if parsed.scheme not in ("http", "https") or not parsed.netloc:

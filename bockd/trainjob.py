@@ -15,16 +15,30 @@ ClusterTrainingRuntime, waits for it, and fetches the Model folder rank 0 upload
 - ``spec.runtimePatches`` (this CRD has no ``podSpecOverrides``/``podTemplateOverrides``): one patch,
   manager ``bockd.io/launcher``, on replicated job ``node`` (the torch-distributed runtime's only job, its
   container also named ``node``): ``nodeSelector``, ``tolerations``, a memory-backed ``emptyDir`` volume
-  mounted at ``/dev/shm`` (the default 64 MiB starves DataLoader workers and NCCL).
+  mounted at ``/dev/shm`` (the default 64 MiB starves DataLoader workers and NCCL). Trainer's webhook admits
+  a patch only on jobs and containers the runtime has and without env on the ``node`` container, and a
+  domain-prefixed manager (kubeflow/trainer v2.2.0 ``pkg/runtime/framework/plugins/jobset/jobset.go``
+  Validate, L127-161); the ``PET_*`` variables are the torch plugin's (``plugins/torch/torch.go`` L56-80),
+  so ``env`` may not set them.
 
-Conditions (the Trainer controller's): ``Created``, ``Suspended``, ``Complete``, ``Failed``.
+``runtimePatches`` and ``activeDeadlineSeconds`` exist from Kubeflow Trainer 2.2 (absent from the v2.1.0
+TrainJob CRD): on an older Trainer the API server refuses the unknown fields (bockd asks for strict field
+validation) and `TrainJobError` says which version is needed.
+
+Conditions (the Trainer controller's, kubeflow/trainer v2.2.0 ``pkg/apis/trainer/v1alpha1/trainjob_types.go``
+L56-65): ``Suspended``, ``Complete``, ``Failed`` (``Complete``/``Failed`` copied from the JobSet's,
+``jobset.go`` Status L328-347; ``Failed`` with reason ``DeadlineExceeded`` past ``activeDeadlineSeconds``,
+``pkg/controller/trainjob_controller.go`` reconcileDeadline L171-201). A TrainJob held ``Suspended`` (e.g. by
+Kueue, waiting for quota) is waited for like a running one.
 :func:`run_trainjob` logs each change once, returns on ``Complete``, and deletes the TrainJob on
 ``Failed`` (raising `TrainJobError` with reason and message), on timeout, and on cancellation
 (KeyboardInterrupt, or SIGTERM, which KFP sends the launcher pod when the run is cancelled: re-raised).
 A retried launcher finds the TrainJob of its first attempt by name and watches it (one that already
 failed is deleted and created anew; one with another spec, found through the ``bockd.io/spec-sha256``
-annotation, is refused). ``spec.activeDeadlineSeconds`` (the launcher's timeout) stops the
-TrainJob even when the launcher pod is gone. After a success the launcher fetches the Model folder, then
+annotation, is refused: Trainer's webhook stamps ``runtimePatches[].time`` on create, ``pkg/webhooks/
+trainjob_webhook.go`` L60-68, so the stored spec is never compared with the built one).
+``spec.activeDeadlineSeconds`` (the launcher's timeout) stops the TrainJob even when the launcher pod is
+gone. After a success the launcher fetches the Model folder, then
 deletes the TrainJob and the run's staging objects.
 
 Worker side (``torchrun --module bockd.trainjob --request <uri>`` on every process): each rank downloads
@@ -54,7 +68,7 @@ from typing import Any
 
 from bockd.distributed import env_rank
 from bockd.errors import BockdError, ConfigError
-from bockd.kube import CustomResourceApi, pod_namespace
+from bockd.kube import CustomResourceApi, KubeApiError, check_quantity, pod_namespace
 from bockd.storage import get_json, put_json
 
 LOG = logging.getLogger("bockd.trainjob")
@@ -91,14 +105,23 @@ DATASET_PREFIX = "dataset"
 MAX_NAME_LENGTH = 40
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 
-CREATED, SUSPENDED, COMPLETE, FAILED = "Created", "Suspended", "Complete", "Failed"
+SUSPENDED, COMPLETE, FAILED = "Suspended", "Complete", "Failed"
+# torchrun variables the torch plugin sets: its webhook refuses them in spec.trainer.env (trainer v2.2.0
+# pkg/constants/constants.go L178-190, L287)
+TORCH_RESERVED_ENV = (
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+)
+TRAINER_FLOOR = "2.2"  # runtimePatches and activeDeadlineSeconds
 
 
-class TrainJobError(BockdError, RuntimeError):
+class TrainJobError(KubeApiError, RuntimeError):
     """A TrainJob could not be created, failed, timed out or was cancelled."""
 
 
@@ -184,9 +207,7 @@ def _check_spec(spec: TrainJobSpec) -> None:
     if not isinstance(spec.gpus_per_node, int) or spec.gpus_per_node < 0:
         raise ConfigError(f"gpus_per_node: expected an integer >= 0, got {spec.gpus_per_node!r}")
     for key in ("cpu_request", "memory_request", "shm_size"):
-        value = getattr(spec, key)
-        if not isinstance(value, str) or not _QUANTITY.match(value):
-            raise ConfigError(f"{key}: {value!r} is not a Kubernetes quantity (e.g. 8, 500m, 32Gi)")
+        check_quantity(getattr(spec, key), key)
     for i, t in enumerate(spec.tolerations):
         unknown = set(t) - _TOLERATION_KEYS
         if unknown or t.get("operator", "Equal") not in ("Equal", "Exists"):
@@ -204,6 +225,9 @@ def _check_spec(spec: TrainJobSpec) -> None:
             f"env: {sorted(bad) or sorted(secret_keys)}: invalid names, or credentials given as plain "
             "values (they come from the secrets)"
         )
+    reserved = sorted(set(TORCH_RESERVED_ENV) & set(spec.env))
+    if reserved:
+        raise ConfigError(f"env: {reserved}: set by Kubeflow Trainer's torch plugin, not by the launcher")
     if spec.active_deadline_seconds is not None and spec.active_deadline_seconds < 1:
         raise ConfigError(f"active_deadline_seconds: expected >= 1, got {spec.active_deadline_seconds}")
 
@@ -295,14 +319,19 @@ class TrainJobApi(CustomResourceApi):
 
     def create(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The created object, or None when one of that name exists already (HTTP 409)."""
-        from kubernetes.client.exceptions import ApiException
-
         try:
-            return self._api.create_namespaced_custom_object(*self._args(namespace), body)
-        except ApiException as e:
+            return super().create(namespace, body)
+        except TrainJobError as e:
             if e.status == 409:
                 return None
-            raise self._fail("create", namespace, body["metadata"]["name"], e) from e
+            if e.status == 400 and "unknown field" in e.api_message:
+                raise TrainJobError(
+                    f"{e} (the installed TrainJob CRD lacks a field bockd writes: runtimePatches and "
+                    f"activeDeadlineSeconds need Kubeflow Trainer >= {TRAINER_FLOOR})",
+                    status=e.status,
+                    api_message=e.api_message,
+                ) from e
+            raise
 
 
 # ---------------------------------------------------------------------------------------------- waiting

@@ -1,5 +1,7 @@
 """deploy: the selected students behind KServe endpoints (InferenceServices, or local model servers)."""
 
+from typing import Any
+
 from kfp.dsl import Artifact, Input, Model, Output
 
 
@@ -10,11 +12,11 @@ def deploy(
     deploy_mode: str,
     local_serving_dir: str,
     serving_namespace: str,
-    deploy_options: dict,
+    deploy_options: dict[str, Any],
     mlflow_tracking_uri: str,
     mlflow_artifacts_destination: str,
     endpoints: Output[Artifact],
-) -> list:
+) -> list[dict[str, Any]]:
     """Returns one record per deployed student: name, version, url."""
     import json
 

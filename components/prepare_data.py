@@ -1,9 +1,11 @@
 """prepare_data: the data source (archive, folder, s3:// prefix, digits) -> a Dataset artifact."""
 
+from typing import Any
+
 from kfp.dsl import Dataset, Output
 
 
-def prepare_data(train_config: dict, dataset: Output[Dataset]) -> str:
+def prepare_data(train_config: dict[str, Any], dataset: Output[Dataset]) -> str:
     """Uint8 arrays per split + meta.json (classes, counts, mean/std, sha256). Returns the sha256."""
     from bockd.steps import prepare_data as run
 

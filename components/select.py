@@ -1,5 +1,7 @@
 """select: the selection policy over the evaluated students; chosen ones move @champion if they beat it."""
 
+from typing import Any
+
 from kfp.dsl import Artifact, Input, Model, Output
 
 
@@ -7,11 +9,11 @@ def select(
     evaluations: Input[list[Artifact]],
     baselines: Input[list[Model]],
     registrations: Input[Artifact],
-    selection_policy: dict,
+    selection_policy: dict[str, Any],
     mlflow_tracking_uri: str,
     mlflow_run_id: str,
     selection: Output[Artifact],
-) -> list:
+) -> list[int]:
     """Writes the choices with a reason for each; returns the chosen student numbers (1-based)."""
     import json
 

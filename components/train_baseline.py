@@ -1,10 +1,12 @@
 """train_baseline: one student alone, cross-entropy only, same schedule (what makes the gain real)."""
 
+from typing import Any
+
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 
 def train_baseline(
-    train_config: dict,
+    train_config: dict[str, Any],
     student: int,
     dataset: Input[Dataset],
     checkpoint_uri: str,

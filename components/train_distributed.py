@@ -5,11 +5,13 @@ launches and watches the TrainJob (bockd.trainjob): it needs no GPU, and a Servi
 create, get and delete trainjobs.trainer.kubeflow.org in ``namespace``.
 """
 
+from typing import Any
+
 from kfp.dsl import Dataset, Input, Metrics, Model, Output, OutputPath
 
 
 def train_distributed(
-    train_config: dict,
+    train_config: dict[str, Any],
     dataset: Input[Dataset],
     mlflow_tracking_uri: str,
     mlflow_experiment: str,
@@ -17,8 +19,8 @@ def train_distributed(
     pipeline_run_id: str,
     staging_uri: str,
     trainer_image: str,
-    node_selector: dict,
-    tolerations: list,
+    node_selector: dict[str, str],
+    tolerations: list[dict[str, str]],
     model: Output[Model],
     metrics: Output[Metrics],
     mlflow_run_id: OutputPath(str),
@@ -32,7 +34,7 @@ def train_distributed(
     mlflow_secret: str = "bockd-mlflow",
     timeout_s: float = 172800.0,
     poll_s: float = 30.0,
-) -> list:
+) -> list[int]:
     """Weights, model card, history and ``students/s<k>`` exports (rank 0's); metrics go to MLflow.
 
     ``staging_uri``: an s3:// prefix for the dataset copy, the request and rank 0's outputs (under

@@ -1,10 +1,12 @@
 """train_ensemble: the BOC-KD ensemble on a GPU node -> a Model artifact with every student exported."""
 
+from typing import Any
+
 from kfp.dsl import Dataset, Input, Metrics, Model, Output, OutputPath
 
 
 def train_ensemble(
-    train_config: dict,
+    train_config: dict[str, Any],
     dataset: Input[Dataset],
     mlflow_tracking_uri: str,
     mlflow_experiment: str,
@@ -13,7 +15,7 @@ def train_ensemble(
     model: Output[Model],
     metrics: Output[Metrics],
     mlflow_run_id: OutputPath(str),
-) -> list:
+) -> list[int]:
     """Weights, model card, history and ``students/s<k>`` exports; per-epoch metrics go to MLflow.
 
     Returns the student numbers (the evaluate loop runs over them).

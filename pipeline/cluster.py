@@ -65,6 +65,15 @@ log = logging.getLogger(__name__)
 _EQUALS = 1  # kfp filter.proto Predicate.Operation.EQUALS
 _PAGE_SIZE = 100
 _PACKAGE_SUFFIXES = (".yaml", ".yml")
+# kubeflow/pipelines 2.17.0 backend/src/apiserver/server/api_converter.go lines 2084-2086 (and the
+# RecurringRun proto: "Range [1-10]"): the API server refuses any other max_concurrency.
+_MAX_CONCURRENCY = 10
+# validation/length.go lines 41, 47, 51 (KFP >= 2.15): the longest experiment, pipeline and pipeline
+# version names the API server stores.
+_MAX_EXPERIMENT_NAME = 128
+_MAX_PIPELINE_NAME = 128
+_MAX_VERSION_NAME = 127
+_VERSION_SUFFIX = len("-sha256-") + 16  # the version name is <pipeline_name>-sha256-<16 hex>
 
 
 class ClusterError(BockdError, RuntimeError):
@@ -316,6 +325,8 @@ def _ui_link(client: kfp.Client, fragment: str) -> str:
 def _experiment_id(client: kfp.Client, name: str, namespace: str | None, *, create: bool) -> str:
     if not name or not name.strip():
         raise ClusterError("experiment: must be a non-empty experiment name")
+    if len(name) > _MAX_EXPERIMENT_NAME:
+        raise ClusterError(f"experiment: {name!r} is longer than the API's {_MAX_EXPERIMENT_NAME} characters")
     namespace = _namespace(client, namespace)
     with _api(client, f"experiment {name!r}"):
         found = client.list_experiments(filter=_name_filter("display_name", name), namespace=namespace)
@@ -498,8 +509,18 @@ def schedule(
         raise ClusterError("job_name: must be a non-empty schedule name")
     if not pipeline_name or not pipeline_name.strip():
         raise ClusterError("pipeline_name: must be a non-empty pipeline name")
-    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
-        raise ClusterError(f"max_concurrency: {max_concurrency!r} must be a positive integer")
+    longest = min(_MAX_PIPELINE_NAME, _MAX_VERSION_NAME - _VERSION_SUFFIX)
+    if len(pipeline_name) > longest:
+        raise ClusterError(
+            f"pipeline_name: at most {longest} characters (its versions add '-sha256-<16 hex>' and the API "
+            f"keeps {_MAX_VERSION_NAME}), got {len(pipeline_name)}"
+        )
+    if (
+        isinstance(max_concurrency, bool)
+        or not isinstance(max_concurrency, int)
+        or not 1 <= max_concurrency <= _MAX_CONCURRENCY
+    ):
+        raise ClusterError(f"max_concurrency: {max_concurrency!r} must be an integer 1..{_MAX_CONCURRENCY}")
     if not isinstance(params, dict):
         raise ClusterError(f"params: expected a dict of pipeline parameters, got {type(params).__name__}")
 

@@ -104,9 +104,11 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
 
     @dsl.pipeline(name=PIPELINE_NAME, description="BOC-KD: one training run, a family of compressed students")
     def bockd_pipeline(
-        train_config: dict = DEFAULT_TRAIN_CONFIG,
-        baseline_students: list = [],  # noqa: B006 (KFP reads the default from the signature)
-        selection_policy: dict = {},  # noqa: B006
+        train_config: dict[str, Any] = DEFAULT_TRAIN_CONFIG,
+        # Typed items: a bare list compiles every loop item as STRING, and the KFP driver then refuses it
+        # for an int input (kubeflow/pipelines 2.17.0 backend/src/v2/driver/resolve.go lines 203-233, 298).
+        baseline_students: list[int] = [],  # noqa: B006 (KFP reads the default from the signature)
+        selection_policy: dict[str, Any] = {},  # noqa: B006
         model_prefix: str = "bockd",
         mlflow_tracking_uri: str = CLUSTER_MLFLOW_URI,
         mlflow_experiment: str = "bockd",
@@ -115,7 +117,7 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
         deploy_mode: str = "none",
         local_serving_dir: str = "",
         serving_namespace: str = "",
-        deploy_options: dict = {},  # noqa: B006
+        deploy_options: dict[str, Any] = {},  # noqa: B006
         mlflow_artifacts_destination: str = "s3://bockd/mlflow",
     ) -> PipelineOutputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER

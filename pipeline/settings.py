@@ -11,6 +11,11 @@ DEFAULT_SERVING_IMAGE = "ghcr.io/bockd/bockd-serving:0.1.0"  # the ServingRuntim
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # Optional keys of the MLflow secret (a tracking server behind basic auth or a token).
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# The object store Kubeflow Pipelines ships: SeaweedFS since KFP 2.16 removed MinIO (kubeflow/pipelines
+# PR #12613), the Service seaweedfs in kubeflow with S3 on port 9000 (tag 2.16.0:
+# manifests/kustomize/third-party/seaweedfs/base/seaweedfs/seaweedfs-service.yaml lines 6-7, 18-21;
+# backend/src/v2/objectstore/config.go line 29). MinIO or any S3 is an override (--s3-endpoint).
+DEFAULT_S3_ENDPOINT = "http://seaweedfs.kubeflow:9000"
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class PipelineSettings:
     gpu: GpuNode | None = field(default_factory=GpuNode)  # None: training on CPU (local runs)
     s3_secret: str | None = "bockd-s3"  # None: no Kubernetes secrets (local runs read the environment)
     mlflow_secret: str | None = "bockd-mlflow"
-    s3_endpoint: str = "http://minio-service.kubeflow:9000"
+    s3_endpoint: str = DEFAULT_S3_ENDPOINT
     retries: int = 3
     # More than one node or GPU: training runs as a Kubeflow Trainer TrainJob (torchrun + DDP) that a
     # light launcher task creates and watches; its dataset copy, request and outputs go to staging_uri.

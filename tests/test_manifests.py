@@ -17,15 +17,15 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from bockd.pipeline.parameters import CLUSTER_MLFLOW_URI
-from bockd.pipeline.settings import DEFAULT_SERVING_IMAGE, S3_SECRET_KEYS
+from bockd.pipeline.settings import DEFAULT_S3_ENDPOINT, DEFAULT_SERVING_IMAGE, S3_SECRET_KEYS
 
 from bockd.serving.crd import validate_against_crd
 
@@ -193,6 +193,9 @@ def test_mlflow_service_matches_the_pipelines_default_uri(path: str) -> None:
     allowed = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
     for host in (f"{name}.{namespace}.svc.cluster.local:{port}", f"{name}:{port}", f"{name}.{namespace}"):
         assert any(fnmatch.fnmatch(host, pattern) for pattern in allowed), f"MLflow rejects Host {host}"
+    env = one(build(path), "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["env"]
+    # No job-runner and huey workers: the embedded stack turns them off too (docs/services.md).
+    assert {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"} in env
 
 
 # --- secrets, service account, RBAC, kfp-launcher ------------------------------------------------------
@@ -210,6 +213,11 @@ def test_secret_templates_hold_only_placeholders() -> None:
             assert value.startswith(PLACEHOLDER), f"{secret['metadata']['name']}.{key} is not a placeholder"
     s3 = next(s for s in secrets if s["metadata"]["name"] == "bockd-s3")
     assert set(s3["stringData"]) == set(S3_SECRET_KEYS)
+    # KServe reads the S3 settings from the Secret's annotations (kserve v0.20.0 s3_secret.go L106)
+    annotations = s3["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/s3-endpoint"] == urlsplit(DEFAULT_S3_ENDPOINT).netloc  # host:port
+    assert annotations["serving.kserve.io/s3-usehttps"] == "0"
+    assert annotations["serving.kserve.io/s3-region"] and annotations["serving.kserve.io/s3-verifyssl"]
 
 
 @needs_kubectl
@@ -223,34 +231,41 @@ def test_no_secret_is_applied(path: str) -> None:
 @needs_kubectl
 @pytest.mark.parametrize("path", BUILDS)
 def test_s3_service_account_for_kserve(path: str) -> None:
+    """KServe downloads with the Secrets the predictor's account lists (service_account_credentials.go
+    L261-266); the account's own serving.kserve.io/s3-* annotations count only with an IRSA role, so no
+    build puts any there (the Secret carries them)."""
     account = one(build(path), "ServiceAccount", "bockd-s3")
-    annotations = account["metadata"]["annotations"]
-    for key in ("s3-endpoint", "s3-usehttps", "s3-region", "s3-verifyssl"):
-        assert annotations[f"serving.kserve.io/{key}"], key
-    assert annotations["serving.kserve.io/s3-usehttps"] == "0"
-    assert not annotations["serving.kserve.io/s3-endpoint"].startswith("http")  # host:port, no scheme
     assert {"name": "bockd-s3"} in account["secrets"]
+    annotations = account["metadata"].get("annotations") or {}
+    assert not [k for k in annotations if k.startswith("serving.kserve.io/s3-")]
+
+
+# The calls the deploy step and the TrainJob launcher make (tests/test_deploy_cluster.py and
+# tests/test_trainjob.py check their requests against this Role).
+STEP_RULES = {
+    ("serving.kserve.io", "inferenceservices"): {"get", "create", "patch"},
+    ("apps", "deployments"): {"get"},
+    ("", "serviceaccounts"): {"get"},
+    ("trainer.kubeflow.org", "trainjobs"): {"get", "create", "delete"},
+}
+
+
+def role_verbs(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    verbs: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                verbs.setdefault((group, resource), set()).update(rule["verbs"])
+    return verbs
 
 
 @needs_kubectl
-@pytest.mark.parametrize("path", BUILDS)
+@pytest.mark.parametrize("path", [*BUILDS, "overlays/profile"])
 def test_deployer_role(path: str) -> None:
+    """Exactly the verbs the steps use: nothing on Secrets, no wildcard."""
     docs = build(path)
     rules = one(docs, "Role", "bockd-pipeline-deployer")["rules"]
-    needed = {"get", "list", "watch", "create", "patch", "update", "delete"}
-
-    def verbs(group: str, resource: str) -> set[str]:
-        return {
-            verb
-            for rule in rules
-            if group in rule["apiGroups"] and resource in rule["resources"]
-            for verb in rule["verbs"]
-        }
-
-    assert verbs("serving.kserve.io", "inferenceservices") >= needed
-    assert verbs("trainer.kubeflow.org", "trainjobs") >= needed
-    assert verbs("", "pods") >= {"get", "list"} and verbs("", "pods/log") >= {"get", "list"}
-    assert not verbs("", "secrets")
+    assert role_verbs(rules) == STEP_RULES
     assert all("*" not in rule["verbs"] and "*" not in rule["resources"] for rule in rules)
     binding = one(docs, "RoleBinding", "bockd-pipeline-deployer")
     assert binding["roleRef"] == {
@@ -259,6 +274,24 @@ def test_deployer_role(path: str) -> None:
         "name": "bockd-pipeline-deployer",
     }
     assert {s["name"] for s in binding["subjects"]} == {"default-editor", "pipeline-runner"}
+
+
+@needs_kubectl
+def test_profile_overlay_gives_a_namespace_the_account_and_the_role() -> None:
+    """overlays/profile: what a profile namespace needs to run the pipeline and serve, all in one namespace,
+    the same objects as the base's."""
+    docs = build("overlays/profile")
+    assert sorted(d["kind"] for d in docs) == ["Role", "RoleBinding", "ServiceAccount"]
+    (namespace,) = {d["metadata"]["namespace"] for d in docs}
+    assert namespace == "kubeflow-user-example-com"
+    assert {s["namespace"] for s in one(docs, "RoleBinding", "bockd-pipeline-deployer")["subjects"]} == {
+        namespace
+    }
+    base = {(d["kind"], d["metadata"]["name"]): d for d in build("base")}
+    for doc in docs:
+        mine = {k: v for k, v in doc.items() if k not in ("metadata", "subjects")}
+        theirs = base[doc["kind"], doc["metadata"]["name"]]
+        assert mine == {k: v for k, v in theirs.items() if k not in ("metadata", "subjects")}
 
 
 @needs_kubectl
@@ -278,6 +311,29 @@ def test_kfp_launcher_config(path: str) -> None:
 # --- the object store and the production settings ------------------------------------------------------
 
 
+# Environment variables that carry an S3 endpoint URL to a client in the manifests.
+S3_ENDPOINT_ENV = ("MLFLOW_S3_ENDPOINT_URL", "BOCKD_S3_ENDPOINT", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
+
+
+def s3_endpoints(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    """Every S3 endpoint a build sets (KServe annotations, kfp-launcher providers, client env), as
+    host:port, by where it is set."""
+    found = {}
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        annotations = doc["metadata"].get("annotations") or {}
+        if "serving.kserve.io/s3-endpoint" in annotations:
+            found[where] = annotations["serving.kserve.io/s3-endpoint"]
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "kfp-launcher":
+            found[where] = yaml.safe_load(doc["data"]["providers"])["s3"]["default"]["endpoint"]
+        for _, containers in pod_specs(doc):
+            for c in containers:
+                for env in c.get("env", []):
+                    if env["name"] in S3_ENDPOINT_ENV and "value" in env:
+                        found[f"{where} {env['name']}"] = urlsplit(env["value"]).netloc
+    return found
+
+
 @needs_kubectl
 def test_dev_runs_its_own_object_store() -> None:
     docs = build("overlays/dev")
@@ -286,13 +342,26 @@ def test_dev_runs_its_own_object_store() -> None:
     assert {e["name"] for e in store["env"]} == set(S3_SECRET_KEYS)
     assert one(docs, "Service", "seaweedfs-s3")["spec"]["ports"][0]["port"] == 8333
     assert one(docs, "PersistentVolumeClaim", "seaweedfs-data")
-    # every S3 client of the build points at it
-    sa = one(docs, "ServiceAccount", "bockd-s3")["metadata"]["annotations"]
-    assert sa["serving.kserve.io/s3-endpoint"].startswith("seaweedfs-s3")
+    # every S3 client of the build points at it (KServe's endpoint is on the Secret, outside the build)
+    hosts = {urlsplit(f"//{endpoint}").hostname for endpoint in s3_endpoints(docs).values()}
+    assert {host.split(".")[0] for host in hosts} == {"seaweedfs-s3"}
     mlflow_env = one(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "MLFLOW_S3_ENDPOINT_URL", "value": "http://seaweedfs-s3:8333"} in mlflow_env
     providers = yaml.safe_load(one(docs, "ConfigMap", "kfp-launcher")["data"]["providers"])
     assert providers["s3"]["default"]["endpoint"] == "seaweedfs-s3.bockd.svc.cluster.local:8333"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", ["base", "overlays/production-gpu"])
+def test_every_s3_client_defaults_to_kubeflows_seaweedfs(path: str) -> None:
+    """KFP >= 2.16 ships SeaweedFS (Service seaweedfs in kubeflow, S3 on 9000; kubeflow/pipelines 2.16.0
+    manifests/kustomize/third-party/seaweedfs/base/seaweedfs/seaweedfs-service.yaml lines 6-21) and no
+    MinIO: the launcher, MLflow (and KServe, where the build sets it) use the pipeline's default."""
+    expected = urlsplit(DEFAULT_S3_ENDPOINT).netloc
+    assert expected == "seaweedfs.kubeflow:9000"
+    endpoints = s3_endpoints(build(path))
+    assert {"ConfigMap/kfp-launcher", "Deployment/mlflow MLFLOW_S3_ENDPOINT_URL"} <= set(endpoints)
+    assert {where: e for where, e in endpoints.items() if e != expected} == {}
 
 
 @needs_kubectl
@@ -365,28 +434,3 @@ def test_serving_entrypoint_runs() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "--model_dir" in out.stdout and "--host" in out.stdout
-
-
-# --- the Dockerfiles -----------------------------------------------------------------------------------
-
-
-def test_dockerfiles() -> None:
-    pins = dict(
-        re.fullmatch(r"([a-z0-9-]+)==(\S+)", dep).groups()
-        for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-        if "==" in dep
-    )
-    for image, extra in (("trainer", "pipeline,serving"), ("serving", "serving")):
-        text = (REPO / "images" / image / "Dockerfile").read_text()
-        (base,) = re.findall(r"^FROM (\S+)", text, flags=re.M)
-        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), base
-        assert re.search(r"^USER 1000$", text, flags=re.M)
-        assert "PYTHONUNBUFFERED=1" in text
-        assert f'/tmp/bockd-src[{extra}]"' in text
-    serving = (REPO / "images" / "serving" / "Dockerfile").read_text()
-    for package in ("torch", "torchvision"):
-        assert f'"{package}=={pins[package]}+cpu"' in serving  # the CPU build of the pyproject pin
-    assert re.search(r"^EXPOSE 8080$", serving, flags=re.M)
-    ignored = (REPO / ".dockerignore").read_text().split()
-    assert {".venv", ".bockd", "runs", "**/.git"} <= set(ignored)
-    assert not {"bockd", "components", "pipeline", "pyproject.toml", "README.md"} & set(ignored)

@@ -6,7 +6,16 @@ v2beta1 endpoints the module uses (healthz, experiments, pipelines, pipeline ver
 upload, runs, recurring runs), keeps their state in memory, answers with v2beta1-shaped JSON and records
 every request (method, path, query, headers, JSON body or multipart fields). The real ``kfp.Client``
 (kfp 2.17.3) and its generated REST bindings make the requests, so the tests pin exactly what goes over
-the wire. The pipeline package is a two-component pipeline compiled in the test.
+the wire. The pipeline package is a two-component pipeline compiled in the test (and, once, the real
+bockd pipeline through ``bockd pipeline submit``/``schedule``).
+
+The double refuses what the real API server (kubeflow/pipelines ``backend/src/apiserver``, tag 2.17.0,
+commit 4a3592c) refuses in the requests this module sends, with its status and gRPC code:
+runtime parameters checked against the pipeline's root ``inputDefinitions`` on run and recurring-run
+creation (each value's JSON kind against its ``parameterType``, a required one missing, one the pipeline
+does not declare), a run or recurring run without a display name, ``max_concurrency`` outside 1..10, an
+uploaded spec whose ``schemaVersion`` is not 2.1.0, and names longer than the database columns. Each
+rule's upstream file and line is beside its code below.
 
 (No ``from __future__ import annotations`` here: kfp.dsl reads the components' annotations as types.)
 """
@@ -27,6 +36,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import kfp
+import kfp_server_api
 import pytest
 import yaml
 from google.protobuf import json_format
@@ -74,8 +84,78 @@ def _matches(filter_json: str | None, item: dict[str, Any]) -> bool:
     return True
 
 
+# -- upstream rules the double enforces (kubeflow/pipelines tag 2.17.0, backend/src/apiserver) --------
+
+# template/v2_template.go validatePipelineJobInputs, lines 477-504: the JSON kind each parameterType takes
+# (NUMBER_INTEGER takes any number, a string never).
+_PARAMETER_KINDS: dict[str, tuple[type, ...]] = {
+    "NUMBER_DOUBLE": (int, float),
+    "NUMBER_INTEGER": (int, float),
+    "STRING": (str,),
+    "BOOLEAN": (bool,),
+    "LIST": (list,),
+    "STRUCT": (dict,),
+}
+# validation/length.go lines 41, 47, 51: the logical column sizes (checked since 2.15.0) that
+# api_converter.go (lines 100, 233, 442) and pipeline_upload_server.go (line 285) enforce.
+_MAX_NAME = {"experiment": 128, "pipeline": 128, "pipeline version": 127}
+
+
+def _invalid(message: str) -> tuple[int, dict[str, Any]]:
+    """util.NewInvalidInputError: gRPC InvalidArgument (3), HTTP 400 through grpc-gateway."""
+    return 400, {"code": 3, "message": message, "details": []}
+
+
+def runtime_parameter_error(spec: dict[str, Any], parameters: dict[str, Any]) -> str | None:
+    """What validatePipelineJobInputs (v2_template.go lines 442-532) says about ``parameters``, or None.
+
+    Run creation (RunWorkflow, line 373), a pinned recurring run (ScheduledWorkflow, line 129) and a
+    "latest" one (resource_manager.go lines 1329-1358, against the latest version) all call it.
+    """
+    declared = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    for name, param in declared.items():
+        if name not in parameters:
+            # lines 468-474: a missing one needs isOptional or a default
+            if not param.get("isOptional") and "defaultValue" not in param:
+                return (
+                    f"parameter {name} is not optional, yet has neither default value nor user provided value"
+                )
+            continue
+        kinds = _PARAMETER_KINDS.get(param.get("parameterType", ""))
+        if kinds is None:
+            return f"input parameter {name} requires type unknown"
+        if type(parameters[name]) not in kinds:  # type(): JSON true is no number (bool is an int here)
+            wanted = param["parameterType"].lower()
+            return (
+                f"input parameter {name} requires type {wanted}, but the parameter value is not of that type"
+            )
+    extra = sorted(set(parameters) - set(declared))  # lines 519-529
+    if extra:
+        return f"parameter(s) provided are not required by pipeline: {', '.join(extra)}"
+    return None
+
+
+def _run_spec(body: dict[str, Any]) -> dict[str, Any]:
+    """An inline spec as kfp sends it: bare, or {pipeline_spec, platform_spec} (api_util.go lines 125-148)."""
+    spec = body.get("pipeline_spec") or {}
+    return spec.get("pipeline_spec", spec)
+
+
+def _name_error(kind: str, name: str) -> str | None:
+    limit = _MAX_NAME[kind]
+    return f"{kind} name length cannot exceed {limit}" if len(name) > limit else None
+
+
 class KfpDouble:
-    """In-memory stand-in for the KFP v2beta1 REST API (a test double: no KFP server can run here)."""
+    """In-memory stand-in for the KFP v2beta1 REST API (a test double: no KFP server can run here).
+
+    It enforces these upstream rules (kubeflow/pipelines tag 2.17.0; file and line at each check):
+    runtime parameters typed, required and declared as the pipeline's root inputDefinitions say
+    (v2_template.go 442-532) on ``POST /runs`` and ``POST /recurringruns``; non-empty run and recurring
+    run display names (run_server.go 140, api_converter.go 2041); ``max_concurrency`` in 1..10
+    (api_converter.go 2084); uploaded specs of schemaVersion 2.1.0 (v2_template.go 230); name lengths
+    (validation/length.go 41-51).
+    """
 
     max_page_size = 2  # small, so that listing recurring runs needs several pages
 
@@ -192,6 +272,28 @@ class KfpDouble:
         }
         return eid
 
+    # -- upstream checks that need the double's state ------------------------------------------------
+
+    def _spec_of(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The spec a run or recurring run executes: inline, the pinned version's, or (a pipeline id
+        only) the pipeline's latest version's (resource_manager.go 1303-1358)."""
+        ref = body.get("pipeline_version_reference")
+        if not ref:
+            return _run_spec(body)
+        if ref.get("pipeline_version_id"):
+            return self.versions[ref["pipeline_version_id"]]["pipeline_spec"]
+        versions = [v for v in self.versions.values() if v["pipeline_id"] == ref["pipeline_id"]]
+        return versions[-1]["pipeline_spec"]
+
+    def _recurring_run_error(self, body: dict[str, Any]) -> str | None:
+        if not body.get("display_name"):  # api_converter.go 2041-2044
+            return "Recurring run's name cannot be empty"
+        if not 1 <= int(body.get("max_concurrency") or 0) <= 10:  # api_converter.go 2084-2086
+            return "Max concurrency of a recurring run must be at least 1 and at most 10"
+        params = body.get("runtime_config", {}).get("parameters", {})
+        error = runtime_parameter_error(self._spec_of(body), params)
+        return error and f"Failed to validate the input parameters: {error}"
+
     # -- the v2beta1 API ------------------------------------------------------------------------------
 
     def route(self, r: Request) -> tuple[int, Any]:
@@ -205,6 +307,8 @@ class KfpDouble:
                 found = [e for e in self.experiments.values() if _matches(r.query.get("filter"), e)]
                 return 200, {"experiments": found, "total_size": len(found)} if found else {}
             case ("POST", ["experiments"]):
+                if error := _name_error("experiment", r.body["display_name"]):
+                    return _invalid(error)
                 eid = self.seed_experiment(r.body["display_name"])
                 self.experiments[eid]["namespace"] = r.body.get("namespace") or ""
                 return 200, self.experiments[eid]
@@ -212,6 +316,8 @@ class KfpDouble:
                 found = [p for p in self.pipelines.values() if _matches(r.query.get("filter"), p)]
                 return 200, {"pipelines": found, "total_size": len(found)} if found else {}
             case ("POST", ["pipelines"]):
+                if error := _name_error("pipeline", r.body["name"]):
+                    return _invalid(error)
                 pid = self._id("p")
                 self.pipelines[pid] = {
                     "pipeline_id": pid,
@@ -237,8 +343,13 @@ class KfpDouble:
                 name = r.query["name"]
                 if any(v["pipeline_id"] == pid and v["name"] == name for v in self.versions.values()):
                     return 409, {"code": 6, "message": f"pipeline version {name} already exists"}
+                if error := _name_error("pipeline version", name):  # pipeline_upload_server.go 285
+                    return _invalid(error)
                 filename, data = r.files["uploadfile"]
                 assert filename.endswith(".yaml"), filename
+                spec = next(yaml.safe_load_all(data))
+                if spec.get("schemaVersion") != "2.1.0":  # v2_template.go 230-232
+                    return _invalid("KFP only supports schema version 2.1.0")
                 vid = self._id("pv")
                 self.versions[vid] = {
                     "pipeline_id": pid,
@@ -246,11 +357,17 @@ class KfpDouble:
                     "name": name,
                     "display_name": r.query.get("display_name") or name,
                     "created_at": CREATED_AT,
-                    "pipeline_spec": next(yaml.safe_load_all(data)),
+                    "pipeline_spec": spec,
                 }
                 self.uploads[vid] = data
                 return 200, self.versions[vid]
             case ("POST", ["runs"]):
+                if not r.body.get("display_name"):  # run_server.go 140-142
+                    return _invalid("The run name is empty. Please specify a valid name")
+                spec = self._spec_of(r.body)
+                params = r.body.get("runtime_config", {}).get("parameters", {})
+                if error := runtime_parameter_error(spec, params):
+                    return _invalid(f"invalid pipeline job inputs: {error}")
                 rid = self._id("run")
                 self.runs[rid] = {
                     **r.body,
@@ -261,6 +378,8 @@ class KfpDouble:
                 }
                 return 200, self.runs[rid]
             case ("POST", ["recurringruns"]):
+                if error := self._recurring_run_error(r.body):
+                    return _invalid(error)
                 rid = self._id("rr")
                 enabled = r.body.get("mode", "ENABLE") == "ENABLE"
                 self.recurring_runs[rid] = {
@@ -482,6 +601,46 @@ def test_submit_rejects_bad_input_before_any_request(kfp_api: KfpDouble, package
     assert kfp_api.requests == []
 
 
+@pytest.mark.parametrize(
+    ("params", "detail"),
+    [
+        ({"a": "3"}, "input parameter a requires type number_integer"),  # a string for an int
+        ({"a": True}, "input parameter a requires type number_integer"),  # JSON true is no number
+        ({"a": 3, "c": 1}, "parameter(s) provided are not required by pipeline: c"),
+    ],
+)
+def test_the_api_refuses_runtime_parameters_the_pipeline_does_not_declare_so(
+    kfp_api: KfpDouble, package: Path, params: dict[str, Any], detail: str
+) -> None:
+    """Against the KFP test double, which checks runtime parameters as the API server does: a run whose
+    parameters do not match the root inputDefinitions is refused (400) and none is created."""
+    client = cluster.connect(kfp_api.host, namespace="team-a")
+    with pytest.raises(cluster.ClusterError) as raised:
+        cluster.submit(client, package, experiment="e", run_name="r", params=params)
+    assert "answered 400" in str(raised.value) and detail in str(raised.value)
+    assert kfp_api.runs == {}
+
+
+def test_the_bockd_pipeline_submitted_and_scheduled_through_the_cli_passes_the_api_checks(
+    kfp_api: KfpDouble,
+) -> None:
+    """Against the KFP test double: the real compiled bockd pipeline with the parameters the CLI builds
+    (``RunParameters``) passes the API server's parameter checks, on run and recurring-run creation."""
+    from bockd.cli import main
+
+    host = ["--host", kfp_api.host, "--namespace", "team-a", "--baselines", "1,5"]
+    assert main(["pipeline", "submit", *host, "--gpus", "2"]) == 0
+    assert main(["pipeline", "schedule", *host, "--cron", "0 0 3 * * 1", "--version", "latest"]) == 0
+    run = kfp_api.only("POST", f"{API}/runs").body
+    declared = _run_spec(run)["root"]["inputDefinitions"]["parameters"]
+    sent = run["runtime_config"]["parameters"]
+    assert set(sent) == set(declared)
+    assert sent["baseline_students"] == [1, 5]
+    scheduled = kfp_api.only("POST", f"{API}/recurringruns").body
+    assert scheduled["runtime_config"]["parameters"] == sent
+    assert len(kfp_api.runs) == len(kfp_api.recurring_runs) == 1
+
+
 # ------------------------------------------------------------------------------------------- schedule
 
 
@@ -603,6 +762,41 @@ def test_schedule_again_reuses_pipeline_and_version_and_latest_drops_the_version
     assert len(kfp_api.versions) == 2
 
 
+@pytest.mark.parametrize("version", ["pin", "latest"])
+def test_schedule_parameters_are_checked_against_the_version_that_runs(
+    kfp_api: KfpDouble, package: Path, version: str
+) -> None:
+    """Against the KFP test double: a recurring run's parameters are checked against the pinned version,
+    or the pipeline's latest one, as the API server does; a refused one creates no recurring run."""
+    client = cluster.connect(kfp_api.host, namespace="team-a")
+    with pytest.raises(cluster.ClusterError, match=r"answered 400.*input parameter b requires type"):
+        _schedule(client, package, version=version, params={"a": 1, "b": "2"})
+    assert kfp_api.recurring_runs == {}
+    assert len(kfp_api.versions) == 1
+
+
+def test_the_double_refuses_a_max_concurrency_outside_1_to_10(kfp_api: KfpDouble, package: Path) -> None:
+    """The double itself (the client never sends it): api_converter.go's range check answers 400."""
+    client = cluster.connect(kfp_api.host, namespace="team-a")
+    info = _schedule(client, package)
+    body = kfp_server_api.V2beta1RecurringRun(
+        display_name="too-wide",
+        experiment_id=info.experiment_id,
+        pipeline_version_reference=kfp_server_api.V2beta1PipelineVersionReference(
+            pipeline_id=info.pipeline_id, pipeline_version_id=info.pipeline_version_id
+        ),
+        trigger=kfp_server_api.V2beta1Trigger(
+            cron_schedule=kfp_server_api.V2beta1CronSchedule(cron="@daily")
+        ),
+        max_concurrency="11",
+        mode=kfp_server_api.RecurringRunMode.ENABLE,
+    )
+    with pytest.raises(kfp_server_api.ApiException) as raised:
+        client.recurring_runs.recurring_run_service_create_recurring_run(recurring_run=body)
+    assert raised.value.status == 400
+    assert len(kfp_api.recurring_runs) == 1
+
+
 @pytest.mark.parametrize(
     ("cron", "detail"),
     [
@@ -648,6 +842,8 @@ def test_schedule_rejects_other_bad_input_before_any_request(kfp_api: KfpDouble,
     for overrides, field_name in [
         ({"version": "newest"}, "version"),
         ({"max_concurrency": 0}, "max_concurrency"),
+        ({"max_concurrency": 11}, "max_concurrency"),  # the API keeps 1..10
+        ({"pipeline_name": "p" * 104}, "pipeline_name"),  # + "-sha256-<16 hex>" > the API's 127
         ({"job_name": ""}, "job_name"),
         ({"pipeline_name": " "}, "pipeline_name"),
         ({"params": [1, 2]}, "params"),

@@ -43,7 +43,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, dict]
         ),
         s3_secret="team-s3",
         mlflow_secret="team-mlflow",
-        s3_endpoint="http://minio-service.kubeflow:9000",
+        s3_endpoint="http://minio-service.kubeflow:9000",  # an override: a cluster that still runs MinIO
         retries=4,
     )
     return compile_to(tmp_path_factory.mktemp("ir"), settings)
@@ -95,6 +95,24 @@ def test_credentials_reach_tasks_only_as_secret_refs(compiled: tuple[str, dict, 
         env = spec["deploymentSpec"]["executors"][executor]["container"].get("env", [])
         assert {"name": "BOCKD_S3_ENDPOINT", "value": "http://minio-service.kubeflow:9000"} in env
         assert not any("SECRET" in e["name"] or "PASSWORD" in e["name"] for e in env)
+
+
+@pytest.mark.parametrize(
+    ("argv", "endpoint"),
+    [
+        ([], "http://seaweedfs.kubeflow:9000"),  # KFP >= 2.16 ships SeaweedFS, Service seaweedfs.kubeflow
+        (["--s3-endpoint", "http://minio-service.kubeflow:9000"], "http://minio-service.kubeflow:9000"),
+    ],
+)
+def test_every_task_gets_kubeflows_object_store_unless_overridden(
+    tmp_path: Path, argv: list[str], endpoint: str
+) -> None:
+    out = tmp_path / "p.yaml"
+    assert main(["pipeline", "compile", "-o", str(out), *argv]) == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    executors = spec["deploymentSpec"]["executors"]
+    for name in set(executors) - {"exec-evaluate"}:  # evaluate reads only its input artifacts
+        assert {"name": "BOCKD_S3_ENDPOINT", "value": endpoint} in executors[name]["container"]["env"], name
 
 
 def test_no_credential_value_appears_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

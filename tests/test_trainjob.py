@@ -2,13 +2,11 @@
 
 No Kubernetes API server (nor Trainer controller) can run here, so these tests use a TEST DOUBLE:
 `FakeTrainer`, an HTTP server on 127.0.0.1 that answers exactly the API paths bockd uses
-(``/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs[/{name}]``, GET/POST/DELETE), stores the
-objects, validates every object written against the real Trainer CRD schema (HTTP 422 otherwise, like an
-API server) and every status it makes up, records every request, and plays the Trainer controller: the
-status advances on successive GETs (Created, then Complete after n polls; Failed with a reason; or never
-finishing). The real Kubernetes client (``CustomObjectsApi``) talks to it over HTTP. The end-to-end test
-also plays the training pods: on the way to Complete it runs the worker entry in-process (RANK unset,
-rank 0) against the real local S3 and MLflow servers.
+(``/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs[/{name}]``, GET/POST/DELETE) and behaves
+like the API server, Trainer's webhooks and Trainer's controller as far as bockd depends on them (every rule
+in its docstring, with its upstream source). The real Kubernetes client (``CustomObjectsApi``) talks to it
+over HTTP. The end-to-end test also plays the training pods: on the way to Complete it runs the worker
+entry in-process (RANK unset, rank 0) against the real local S3 and MLflow servers.
 """
 
 from __future__ import annotations
@@ -26,16 +24,19 @@ from typing import Any
 
 import pytest
 from kube_api_double import (
-    SCHEMAS,
+    TRAINJOB_CRD,
     ApiRequest,
     CustomObjectDouble,
+    Denied,
     client_configuration,
     k8s_status,
+    not_allowed,
     serve_api,
+    without,
 )
 
 from bockd.errors import BockdError, ConfigError
-from bockd.serving.crd import CrdValidationError, validate_against_crd
+from bockd.serving.crd import CrdValidationError, crd_schema, validate_against_crd
 from bockd.trainjob import (
     GPU_RESOURCE,
     RUNTIME,
@@ -48,7 +49,7 @@ from bockd.trainjob import (
     trainjob_name,
 )
 
-CRD = SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml"
+CRD = TRAINJOB_CRD
 
 NS = "kubeflow-user"
 RUN_ID = "3f2a9c1e-7b4d-4e8a-9c2f-1a2b3c4d5e6f"
@@ -58,6 +59,9 @@ POLL = 0.01
 TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 SELECTOR = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 _TIME = "2026-11-24T12:00:00Z"
+# JobSet's terminal conditions, which Trainer copies (kubernetes-sigs/jobset pkg/constants)
+COMPLETED = ("AllJobsCompleted", "jobset completed successfully")
+FAILED_JOBS = ("FailedJobs", "jobset failed due to one or more job failures")
 
 
 # ------------------------------------------------------------------------------------------ test double
@@ -69,16 +73,38 @@ def _condition(kind: str, reason: str, message: str) -> dict[str, Any]:
 
 @dataclass
 class FakeTrainer(CustomObjectDouble):
-    """Test double of the Kubernetes API server + Trainer controller (no API server can run here).
+    """Test double of the Kubernetes API server + Kubeflow Trainer 2.2 (no API server can run here).
 
+    API server (kube_api_double): pruning or strict refusal of unknown fields, the CRD schema (422),
+    webhook denials as 403 Status objects; ``schema`` may be an older CRD's (`without`: Trainer 2.1 has no
+    runtimePatches nor activeDeadlineSeconds).
+
+    Trainer's mutating webhook (kubeflow/trainer v2.2.0 pkg/webhooks/trainjob_webhook.go Default, L45-90):
+    on create, each ``runtimePatches[]`` entry gets ``time`` (so the stored spec is not the one sent).
+    Trainer's validating webhook ("validator.trainjob.trainer.kubeflow.org", L94-131):
+    - the runtimeRef must name a runtime Trainer has ("unsupported runtime", L115-118);
+    - torch plugin (plugins/torch/torch.go Validate L56-80): no torchrun-reserved ``PET_*`` env;
+    - jobset plugin (plugins/jobset/jobset.go Validate L89-164): a domain-prefixed manager; patched
+      replicated jobs and containers must exist in the runtime (torch-distributed: job ``node``, container
+      ``node``, manifests/base/runtimes/torch_distributed.yaml); no env on the ``node`` container.
+
+    Trainer's controller, one step per GET: no condition while the JobSet runs (there is no "Created"
+    condition in Trainer 2.x; trainjob_types.go L57-65 defines Suspended, Complete and Failed), jobsStatus
+    from the JobSet, then ``Complete``/``Failed`` copied from the JobSet's conditions (jobset.go Status
+    L328-347).
     ``outcome``: ``complete`` (after ``complete_after`` GETs), ``fail`` (after as many, reason
     ``fail_reason``) or ``hang`` (running forever). ``on_complete`` runs once just before a job completes.
     """
 
-    group, version, plural = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+    group, version, plural, kind = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+    webhook = "validator.trainjob.trainer.kubeflow.org"
+    crd = TRAINJOB_CRD
+    runtimes: dict[str, dict[str, set[str]]] = field(
+        default_factory=lambda: {"torch-distributed": {"node": {"node"}}}  # job -> container names
+    )
     outcome: str = "complete"
     complete_after: int = 3
-    fail_reason: str = "FailedJobs"
+    fail_reason: str = FAILED_JOBS[0]
     delete_status: int = 200  # another code: DELETE fails with it
     on_complete: Callable[[dict[str, Any]], None] | None = None
     _gets: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -91,22 +117,27 @@ class FakeTrainer(CustomObjectDouble):
         del self.objects[ns, name]
         return 200, k8s_status(200, "deleted") | {"status": "Success"}
 
-    def create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        name = body["metadata"]["name"]
-        if (ns, name) in self.objects:
-            return 409, k8s_status(409, f'trainjobs.trainer.kubeflow.org "{name}" already exists')
-        if body["metadata"].get("namespace", ns) != ns:
-            return 400, k8s_status(400, "the namespace of the object does not match the request's")
-        try:  # what the API server does with a custom resource: check it against the CRD's schema
-            validate_against_crd(body, CRD)
-        except CrdValidationError as e:
-            self.rejected.append(str(e))
-            return 422, k8s_status(422, str(e))
-        obj = copy.deepcopy(body)
-        obj["metadata"].update(namespace=ns, generation=1, uid=f"uid-{name}")
-        self.objects[ns, name] = obj
+    def created(self, ns: str, name: str) -> None:
         self._gets[ns, name] = 0
-        return 201, copy.deepcopy(obj)
+
+    def default(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        for patch in obj["spec"].get("runtimePatches") or []:
+            patch.setdefault("time", _TIME)
+
+    def admit(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        ref = obj["spec"]["runtimeRef"]
+        jobs = self.runtimes.get(ref["name"]) if ref.get("kind") == "ClusterTrainingRuntime" else None
+        if jobs is None:
+            raise Denied(f"unsupported runtime: {ref.get('kind')}/{ref['name']}")
+        reserved = sorted(
+            e["name"] for e in obj["spec"]["trainer"].get("env") or [] if _RESERVED.match(e["name"])
+        )
+        if reserved:
+            raise Denied(
+                f"spec.trainer.env: must not have reserved envs, invalid envs configured: {reserved}"
+            )
+        for patch in obj["spec"].get("runtimePatches") or []:
+            _check_runtime_patch(patch, jobs)
 
     def put(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
         """Store an object as if an earlier attempt had created it and the controller had got this far."""
@@ -125,8 +156,6 @@ class FakeTrainer(CustomObjectDouble):
         self._gets[ns, name] += 1
         n = self._gets[ns, name]
         nodes = obj["spec"]["trainer"].get("numNodes", 1)
-        if not conditions:
-            conditions.append(_condition("Created", "JobsCreationSucceeded", "Succeeded to create Jobs"))
         running = {"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0, "suspended": 0}
         status["jobsStatus"] = [running]
         if n >= 2:
@@ -135,17 +164,43 @@ class FakeTrainer(CustomObjectDouble):
             pass
         elif self.outcome == "fail":
             running.update(active=0, ready=0, failed=1)
-            message = "jobset failed: job node-0 has failed (pod node-0-1 OOMKilled)"
-            conditions.append(_condition("Failed", self.fail_reason, message))
+            conditions.append(_condition("Failed", self.fail_reason, FAILED_JOBS[1]))
         else:
             if self.on_complete is not None:
                 self.on_complete(obj)
             running.update(active=0, ready=0, succeeded=1)
-            conditions.append(_condition("Complete", "JobsCompleted", "jobset completed"))
+            conditions.append(_condition("Complete", *COMPLETED))
+        if not conditions:
+            del status["conditions"]
         try:  # the statuses this double makes up are ones the real CRD allows
             validate_against_crd(obj, CRD)
         except CrdValidationError as e:
             self.rejected.append(str(e))
+
+
+_RESERVED = re.compile(
+    r"^PET_(NNODES|NPROC_PER_NODE|NODE_RANK|MASTER_ADDR|MASTER_PORT)$"
+)  # constants.go L287
+
+
+def _check_runtime_patch(patch: dict[str, Any], jobs: dict[str, set[str]]) -> None:
+    """The jobset plugin's rules for one runtimePatches entry (jobset.go Validate L127-161)."""
+    where = "spec.runtimePatches"
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-A-Za-z0-9_./]+", patch["manager"]):
+        raise Denied(f"{where}.manager: must be a domain-prefixed path")
+    template = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}
+    for job in template.get("replicatedJobs") or []:
+        if job["name"] not in jobs:
+            raise Denied(
+                f"{where}: must not have replicated job that doesn't exist in the runtime job template"
+            )
+        for c in job["template"]["spec"]["template"]["spec"].get("containers") or []:
+            if c["name"] not in jobs[job["name"]]:
+                raise Denied(
+                    f"{where}: must not have container that doesn't exist in the runtime job {job['name']}"
+                )
+            if c.get("env") and c["name"] == "node":
+                raise Denied(f"{where}: must not have envs for the node containers")
 
 
 @pytest.fixture
@@ -153,6 +208,7 @@ def fake() -> Iterator[FakeTrainer]:
     """The test double of the API server + Trainer controller (no Kubernetes API server can run here)."""
     with serve_api(FakeTrainer()) as double:
         yield double
+    assert not_allowed(double.requests) == [], "calls the pipeline's Role (manifests) does not allow"
 
 
 @pytest.fixture
@@ -252,6 +308,8 @@ def test_names_are_dns_1035_stable_and_distinct() -> None:
         ({"tolerations": [{"key": "x", "operator": "Sometimes"}]}, r"tolerations\[0\]"),
         ({"env": {"AWS_SECRET_ACCESS_KEY": "hunter2"}}, "credentials"),
         ({"node_selector": {"gpu": 1}}, "node_selector"),
+        ({"env": {"PET_MASTER_PORT": "29500"}}, "PET_MASTER_PORT"),  # the torch plugin's own
+        ({"shm_size": "8 Gi"}, "shm_size"),
     ],
 )
 def test_bad_specs_are_rejected(kwargs: dict[str, Any], message: str) -> None:
@@ -274,13 +332,13 @@ def test_create_wait_complete(fake: FakeTrainer, api: TrainJobApi, caplog: pytes
     fake.complete_after = 4
     spec = spec_for()
     result = run(api, spec)
-    assert result.created and result.name == spec.name and result.reason == "JobsCompleted"
+    assert result.created and result.name == spec.name and result.reason == "AllJobsCompleted"
     assert len(fake.calls("POST")) == 1 and fake.calls("DELETE") == []
     assert fake.calls("POST")[0].path.endswith(f"/namespaces/{NS}/trainjobs")
     assert len(fake.calls("GET")) >= 4
-    states = [m for m in _logged_states(caplog) if "Created=True" in m]
+    states = [m for m in _logged_states(caplog) if "jobs node" in m]
     assert len(states) == len(set(states))  # logged on change only, although read on every poll
-    assert any("Complete=True (JobsCompleted)" in m for m in states)
+    assert any("Complete=True (AllJobsCompleted)" in m for m in states)
     assert len(states) < len(fake.calls("GET"))
     assert (NS, spec.name) in fake.objects  # kept: its pods' logs stay readable
 
@@ -290,7 +348,7 @@ def test_failed_job_names_the_reason_and_is_deleted(fake: FakeTrainer, api: Trai
     message, and the TrainJob is deleted."""
     fake.outcome = "fail"
     spec = spec_for()
-    with pytest.raises(TrainJobError, match=r"failed: reason FailedJobs: .*OOMKilled") as info:
+    with pytest.raises(TrainJobError, match=r"failed: reason FailedJobs: jobset failed due to one") as info:
         run(api, spec)
     assert isinstance(info.value, BockdError)
     (delete,) = fake.calls("DELETE")
@@ -341,9 +399,8 @@ def test_sigterm_deletes_the_job_and_restores_the_handler(fake: FakeTrainer, api
 
 
 def _running() -> dict[str, Any]:
-    created = _condition("Created", "JobsCreationSucceeded", "Succeeded to create Jobs")
     jobs = [{"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0, "suspended": 0}]
-    return {"conditions": [created], "jobsStatus": jobs}
+    return {"jobsStatus": jobs}
 
 
 def test_existing_running_job_is_watched_not_recreated(fake: FakeTrainer, api: TrainJobApi) -> None:
@@ -352,7 +409,7 @@ def test_existing_running_job_is_watched_not_recreated(fake: FakeTrainer, api: T
     spec = spec_for()
     fake.put(build_trainjob(spec), _running())
     result = run(api, spec)
-    assert not result.created and result.reason == "JobsCompleted"
+    assert not result.created and result.reason == "AllJobsCompleted"
     assert fake.calls("POST") == [] and fake.calls("DELETE") == []
 
 
@@ -374,8 +431,7 @@ def test_existing_failed_job_is_deleted_and_recreated(fake: FakeTrainer, api: Tr
     """Against the test double (no API server here): a first attempt's TrainJob that already failed is
     deleted and a new one created (it resumes from the S3 checkpoint)."""
     spec = spec_for()
-    status = _running()
-    status["conditions"].append(_condition("Failed", "FailedJobs", "jobset failed"))
+    status = _running() | {"conditions": [_condition("Failed", *FAILED_JOBS)]}
     fake.put(build_trainjob(spec), status)
     result = run(api, spec)
     assert result.created
@@ -383,12 +439,54 @@ def test_existing_failed_job_is_deleted_and_recreated(fake: FakeTrainer, api: Tr
     assert methods.index("DELETE") < methods.index("POST") and methods.count("POST") == 1
 
 
+def test_trainer_before_2_2_is_named_not_pruned(api: TrainJobApi) -> None:
+    """Against the test double with the TrainJob CRD of Trainer 2.1 (no runtimePatches, no
+    activeDeadlineSeconds): under strict field validation the API server refuses the fields instead of
+    dropping them (which would run the job without /dev/shm, node selector or deadline)."""
+    old = without(
+        without(crd_schema(CRD, "v1alpha1"), "spec", "runtimePatches"), "spec", "activeDeadlineSeconds"
+    )
+    with serve_api(FakeTrainer(schema=old)) as fake:
+        api = TrainJobApi.from_config(client_configuration(fake))
+        with pytest.raises(TrainJobError, match=r"HTTP 400 .*unknown field .*Kubeflow Trainer >= 2\.2"):
+            run(api, spec_for(active_deadline_seconds=60))
+        assert fake.objects == {} and fake.calls("POST")[0].params == {"fieldValidation": "Strict"}
+
+
+def test_double_stamps_patch_times_and_a_retry_still_finds_its_job(
+    fake: FakeTrainer, api: TrainJobApi
+) -> None:
+    """Against the test double: Trainer's defaulter writes runtimePatches[].time, so the stored spec is not
+    the one sent; a retried launch still recognises its TrainJob (by the spec digest annotation)."""
+    spec = spec_for()
+    body = build_trainjob(spec)
+    code, stored = fake.receive(
+        ApiRequest("POST", f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{NS}/trainjobs", "", "", body)
+    )
+    assert code == 201 and stored["spec"]["runtimePatches"][0]["time"] == _TIME
+    assert stored["spec"] != body["spec"]
+    result = run(api, spec)
+    assert not result.created and len(fake.calls("POST")) == 1
+
+
+def test_webhook_denial_is_a_clear_error(fake: FakeTrainer, api: TrainJobApi) -> None:
+    """Against the test double: a runtime without the ``node`` job (Trainer's jobset plugin refuses a patch
+    on a job the runtime lacks) is answered 403 with the webhook's message."""
+    fake.runtimes["torch-distributed"] = {"trainer": {"trainer"}}
+    with pytest.raises(
+        TrainJobError, match=r"HTTP 403 .*denied the request: .*replicated job that doesn't exist"
+    ):
+        run(api, spec_for())
+    assert fake.objects == {}
+
+
 def test_describe_lists_conditions_and_jobs() -> None:
     """No API server needed: the one-line summary that is logged on each change."""
     assert describe({}) == "no status yet"
-    line = describe({"status": _running()})
     jobs = "jobs node: active 1, ready 1, succeeded 0, failed 0, suspended 0"
-    assert line == f"Created=True (JobsCreationSucceeded); {jobs}"
+    assert describe({"status": _running()}) == jobs
+    done = _running() | {"conditions": [_condition("Complete", *COMPLETED)]}
+    assert describe({"status": done}) == f"Complete=True (AllJobsCompleted); {jobs}"
 
 
 # ----------------------------------------------------------------------------------- end to end (one rank)

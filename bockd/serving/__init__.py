@@ -3,8 +3,10 @@
 ``python -m bockd.serving --model_dir DIR`` runs a server; ``start_local_server`` runs one in the background
 on 127.0.0.1; ``predict_v1``/``predict_files`` are a minimal client. Request formats: ``preprocess``.
 
-Names are imported on first use: the launcher and client do not need torch or kserve loaded (and importing
-kserve parses ``sys.argv`` as a side effect).
+The server runs on kserve + ONNX Runtime alone (``--backend onnx``, the default) and imports nothing of
+training; ``--backend torch`` imports PyTorch when a model is loaded. Names are imported on first use: the
+launcher and client do not need torch or kserve loaded (and importing kserve parses ``sys.argv`` as a side
+effect).
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ translated here:
 ``strict=True`` (the default) rejects fields the schema does not declare, as ``kubectl`` does with its
 default ``--validate=strict`` (the API server would otherwise prune them silently, so a typo such as
 ``canaryTrafficPercentage`` would deploy without its canary). jsonschema is imported on first use.
+
+`prune_unknown_fields` is what the API server does instead with a custom resource written without strict
+field validation: it drops every field the structural schema does not declare, except under
+``x-kubernetes-preserve-unknown-fields: true`` (``apiVersion``, ``kind`` and ``metadata`` are always kept),
+and stores the rest (KEP-2332 "Pruning for Custom Resources", GA in apiextensions.k8s.io/v1;
+https://kubernetes.io/docs/tasks/extend-kubernetes/custom-resources/custom-resource-definitions/#field-pruning).
+With ``fieldValidation=Strict`` the same fields make the request fail instead (HTTP 400, `strict_error`).
 """
 
 from __future__ import annotations
@@ -56,6 +63,67 @@ def validate_against_crd(obj: dict[str, Any], crd_path: str | Path, strict: bool
         shown = "\n  ".join(problems[:_MAX_ERRORS])
         more = f"\n  ... and {len(problems) - _MAX_ERRORS} more" if len(problems) > _MAX_ERRORS else ""
         raise CrdValidationError(f"{kind} {_name(obj)!r} does not match {crd_path}:\n  {shown}{more}")
+
+
+def prune_unknown_fields(obj: dict[str, Any], crd_path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """`prune` against the schema of the CRD in ``crd_path`` (the version ``obj["apiVersion"]`` names)."""
+    return prune(obj, crd_schema(crd_path, str(obj.get("apiVersion", "")).rpartition("/")[2]))
+
+
+def prune(obj: dict[str, Any], schema: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(``obj`` without the fields ``schema`` (an ``openAPIV3Schema``) does not declare, their paths).
+
+    Paths read like the API server's: ``spec.canary``, ``spec.containers[0].foo``. ``apiVersion``,
+    ``kind`` and ``metadata`` are kept.
+    """
+    dropped: list[str] = []
+    kept = ("apiVersion", "kind", "metadata")
+    pruned = {
+        key: value if key in kept else _prune(value, _field(schema, key), key, dropped)
+        for key, value in obj.items()
+        if key in kept or _field(schema, key) is not None
+    }
+    dropped += [key for key in obj if key not in pruned]
+    return pruned, sorted(dropped)
+
+
+def strict_error(kind: str, version: str, dropped: list[str]) -> str:
+    """The message of the API server's HTTP 400 for unknown fields under ``fieldValidation=Strict``."""
+    fields = ", ".join(f'unknown field "{path}"' for path in dropped)
+    return f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: {fields}'
+
+
+def _field(schema: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The schema of field ``key`` of an object schema; None when the field is unknown there."""
+    if key in (schema.get("properties") or {}):
+        return schema["properties"][key]
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        return extra
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return {"x-kubernetes-preserve-unknown-fields": True}
+    return None
+
+
+def _prune(value: Any, schema: dict[str, Any] | None, path: str, dropped: list[str]) -> Any:
+    if schema is None:
+        return value
+    if isinstance(value, list):
+        item = schema.get("items") or {"x-kubernetes-preserve-unknown-fields": True}
+        return [_prune(v, item, f"{path}[{i}]", dropped) for i, v in enumerate(value)]
+    if not isinstance(value, dict) or schema.get("x-kubernetes-int-or-string"):
+        return value
+    shapeless = "properties" not in schema and "additionalProperties" not in schema
+    if shapeless and (schema.get("x-kubernetes-preserve-unknown-fields") or schema.get("type") != "object"):
+        return value  # an object kept whole
+    out = {}
+    for key, sub in value.items():
+        field_schema = _field(schema, key)
+        if field_schema is None:
+            dropped.append(f"{path}.{key}")
+        else:
+            out[key] = _prune(sub, field_schema, f"{path}.{key}", dropped)
+    return out
 
 
 def served_versions(crd_path: str | Path) -> list[str]:

@@ -34,7 +34,7 @@ class LocalEndpoint:
     port: int
     url: str
     model_dirs: tuple[str, ...] = ()
-    backend: str = "torch"
+    backend: str = "onnx"
 
     @property
     def v1_predict_url(self) -> str:
@@ -71,7 +71,7 @@ class LocalEndpoint:
             port=int(data["port"]),
             url=str(data["url"]),
             model_dirs=tuple(str(d) for d in data.get("model_dirs", [])),
-            backend=str(data.get("backend", "torch")),
+            backend=str(data.get("backend", "onnx")),
         )
 
 
@@ -143,7 +143,7 @@ def start_local_server(
     name: str,
     state_dir: Path,
     port: int | None = None,
-    backend: str = "torch",
+    backend: str = "onnx",
     timeout: float = 60,
 ) -> LocalEndpoint:
     """Start (or return the healthy already-running) server ``name``; wait until its model is ready."""

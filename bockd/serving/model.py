@@ -3,10 +3,17 @@
 Both speak V1 (``/v1/models/<name>:predict``) and V2 / Open Inference Protocol (``/v2/models/<name>/infer``);
 request formats are in ``bockd.serving.preprocess``. preprocess() decodes and normalizes, predict() runs the
 network(s), postprocess() shapes the answer for the protocol the request came in on.
+
+Backends: ``onnx`` (the default) runs the exported ``model.onnx`` on ONNX Runtime and needs nothing of
+training, so the serving image carries no PyTorch; ``torch`` rebuilds the student from its safetensors and
+imports PyTorch and ``bockd.export`` only when a model is loaded with it.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,16 +22,16 @@ from typing import Any
 
 import kserve
 import numpy as np
-import torch
 from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.grpc.grpc_predict_v2_pb2 import ModelInferRequest
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, RequestedOutput
 
-from bockd.errors import CheckpointError
-from bockd.export import ONNX_FILE, load_student, read_student_config
+from bockd.errors import CheckpointError, ConfigError
+from bockd.export_format import ONNX_FILE, read_student_config
 from bockd.serving.preprocess import InputSpec, batch_from_v1, batch_from_v2
 
 BACKENDS = ("torch", "onnx")
+DEFAULT_BACKEND = "onnx"  # what every install of the server can run: the serving image has no torch
 MAX_BATCH_LIMIT = 4096  # the ONNX export's dynamic batch dimension allows at most this
 OUTPUTS = ("probabilities", "top_k_indices", "top_k_classes")
 # Every student of an ensemble must agree on these, or averaging their logits means nothing.
@@ -33,11 +40,49 @@ _SHARED_FIELDS = ("classes", "num_classes", "in_channels", "input_shape", "mean"
 
 class _TorchRunner:
     def __init__(self, folder: Path) -> None:
+        try:  # imported here: the onnx backend must not pull in PyTorch and the training modules
+            import torch
+
+            from bockd.export import load_student
+        except ImportError as err:
+            raise ConfigError(
+                f"backend torch needs PyTorch, which cannot be imported here ({err}); "
+                f"serve the exported {ONNX_FILE} with --backend onnx"
+            ) from err
+        self.torch = torch
         self.module = load_student(folder)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return self.module(torch.from_numpy(x)).numpy()
+        with self.torch.inference_mode():
+            return self.module(self.torch.from_numpy(x)).numpy()
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def cpu_limit(cpu_max: Path | None = None) -> int | None:
+    """The container's CPU limit in whole CPUs (rounded up), or None when there is none or no cgroup v2.
+
+    A pod with ``limits.cpu: 1`` on a 64-core node sees 64 cores; one ONNX Runtime thread per core would
+    be throttled to one core's time and queue behind itself (Kubernetes enforces limits as CFS quota).
+    """
+    try:
+        quota, period = (cpu_max or CGROUP_CPU_MAX).read_text().split()[:2]
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # "max" (no limit), no such file, or not a cgroup v2 host
+        return None
+
+
+def intra_op_threads() -> int:
+    """ONNX Runtime's intra-op threads: what torch uses when it is loaded, else OMP_NUM_THREADS, else the
+    container's CPU limit, else 0 (ONNX Runtime picks one per physical core, as torch's default does)."""
+    torch = sys.modules.get("torch")  # never imported for this: the onnx backend runs without it
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        return int(torch.get_num_threads())
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return cpu_limit() or 0
 
 
 class _OnnxRunner:
@@ -48,7 +93,7 @@ class _OnnxRunner:
         if not path.is_file():
             raise CheckpointError(f"{folder}: no {ONNX_FILE}; export it with ONNX for backend onnx")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()  # one knob (OMP_NUM_THREADS) for both backends
+        opts.intra_op_num_threads = intra_op_threads()
         try:
             self.session = ort.InferenceSession(
                 str(path), sess_options=opts, providers=["CPUExecutionProvider"]
@@ -218,7 +263,7 @@ class StudentModel(_ClassifierModel):
         self,
         name: str,
         model_dir: str | Path,
-        backend: str = "torch",
+        backend: str = DEFAULT_BACKEND,
         max_batch: int = 256,
         top_k: int = 5,
     ) -> None:
@@ -233,7 +278,7 @@ class EnsembleModel(_ClassifierModel):
         self,
         name: str,
         model_dirs: Sequence[str | Path],
-        backend: str = "torch",
+        backend: str = DEFAULT_BACKEND,
         max_batch: int = 256,
         top_k: int = 5,
     ) -> None:
@@ -241,7 +286,11 @@ class EnsembleModel(_ClassifierModel):
 
 
 def build_model(
-    name: str, model_dirs: Sequence[str | Path], backend: str = "torch", max_batch: int = 256, top_k: int = 5
+    name: str,
+    model_dirs: Sequence[str | Path],
+    backend: str = DEFAULT_BACKEND,
+    max_batch: int = 256,
+    top_k: int = 5,
 ) -> StudentModel | EnsembleModel:
     """One folder -> StudentModel, several -> EnsembleModel (not loaded yet)."""
     if len(model_dirs) == 1:

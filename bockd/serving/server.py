@@ -24,7 +24,7 @@ from kserve.model import BaseKServeModel
 from kserve.protocol.rest.server import RESTServer
 
 from bockd.errors import BockdError
-from bockd.serving.model import BACKENDS, build_model
+from bockd.serving.model import BACKENDS, DEFAULT_BACKEND, build_model
 
 LOCAL_HOST = "127.0.0.1"
 _ALL_INTERFACES = ("0.0.0.0", "::", "")
@@ -98,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="an exported student folder; repeat it to serve the average of several students' logits",
     )
-    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="torch (safetensors) or onnx")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=DEFAULT_BACKEND,
+        help="onnx (model.onnx on ONNX Runtime, no PyTorch) or torch (model.safetensors, needs PyTorch)",
+    )
     parser.add_argument("--host", default=LOCAL_HOST, help="REST bind address (0.0.0.0 inside a container)")
     parser.add_argument("--max_batch", type=int, default=256, help="most images in one request")
     parser.add_argument("--top_k", type=int, default=5, help="how many top classes each prediction lists")
@@ -131,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (BockdError, ValueError) as err:
         print(f"bockd.serving: error: {err}", file=sys.stderr)
         sys.exit(2)
-    # What is loaded by now (torch, kserve, the model: ~466,000 objects) lives as long as the process.
+    # What is loaded by now (kserve, the runtime, the model: ~466,000 objects with torch) lives as long as
+    # the process.
     # Freezing it keeps the collector's full passes from rescanning it: a batch of 32 images as JSON lists
     # allocates ~33,000 lists, the full passes that set off took ~240 ms each, and they made the batch-32
     # p99 9x the p50 (docs/benchmarks.md, "Serving").
