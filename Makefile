@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench bench-gpu clean
+.PHONY: install demo test lint format bench bench-gpu gpu-pack gpu-check gpu-rehearse images clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,30 @@ bench-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m cuda
 	$(GPU_BENCH) --out benchmarks/results
 	$(GPU_BENCH) --compile --out benchmarks/results/compiled
+
+# The GPU check for a session that borrows the GPU machine (docs/benchmarks.md, "GPU check"). gpu-pack, here:
+# the wheels that machine's python3 lacks and CIFAR-10 in two parts (lossless, sha256-checked) into .gpu/
+# (git-ignored; about 5 minutes the first time). gpu-check, there: the CUDA tests, the step benchmark and the
+# paper-cifar10 ResNet-20 runs, resumable, results in $OUT/gpu-check. gpu-rehearse: the device calls
+# simulated here with REHEARSE_PY, an interpreter without pydantic standing in for that python3.
+GPU_PYTHON ?= python3
+REHEARSE_PY ?= /tmp/r312/venv/bin/python
+gpu-pack: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py pack
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py run $(GPU_CHECK_ARGS)
+
+gpu-rehearse: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py rehearse --python $(REHEARSE_PY) --minutes 3 -- --device cpu \
+	    --bench-archs resnet20 --bench-variants eager graph --bench-iters 2 --bench-batch 32 \
+	    --runs ensemble baseline-s5 --set data.train_subset=640 --set epochs=6 --set runtime.eval_every=6
+
+# Both images built with buildah (no Docker engine or registry: a debootstrapped Debian base) and run:
+# a compiled component's command line in the trainer, the model server in the serving image. Needs root,
+# buildah and debootstrap; about 18 min and 26 GB of scratch with the vfs driver (images/README.md).
+images:
+	images/build.sh all
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -6,11 +6,14 @@ backward, optimizer step) at the given batch size, images/s of each student's ba
 BOC-KD run costs less than training the N students one by one, which it must, since the base is shared.
 
 It times ``bockd.engine.Trainer.train_step``, the very step training uses, with the engine's
-settings (bf16 autocast and channels_last on CUDA, ``--compile`` for torch.compile).
+settings (bf16 autocast, channels_last, cuDNN autotuning and a fused optimizer on CUDA; ``--compile`` and
+``--compile-mode`` for torch.compile, ``--cuda-graph`` for the whole-step CUDA graph).
 
     python benchmarks/train_step.py --archs resnet20 resnet110 --batch-size 128
 
-Writes ``<out>/train_step-<device>.json`` and ``.md``.
+Writes ``<out>/train_step-<device>.json`` and ``.md`` (``train_step-<device>-<tag>`` with ``--tag``).
+On CUDA a step's time is the mean of ``--iters`` back-to-back steps between two synchronizations (the
+median of ``--rounds`` such runs): how training runs, with no sync per step. On CPU each step is timed.
 
 Multi-process mode (DDP, the engine's own sharding): ``--nproc N [N ...]`` launches, for each N and for
 1, ``python -m torch.distributed.run --standalone --nproc_per_node N`` on this script (gloo on CPU, NCCL on
@@ -97,8 +100,29 @@ def _step_seconds(trainer: Trainer, batch_size: int, warmup: int, iters: int) ->
     return times
 
 
-def time_step(trainer: Trainer, batch_size: int, warmup: int, iters: int) -> float:
-    """Median seconds of one training step on a fixed, device-resident batch."""
+def _steady_step_seconds(trainer: Trainer, batch_size: int, warmup: int, iters: int, rounds: int) -> float:
+    """Seconds per step of ``iters`` back-to-back steps between two synchronizations, median over
+    ``rounds``: the GPU's throughput as training sees it (a sync per step would add its latency)."""
+    x, y = _fixed_batch(trainer, batch_size)
+    trainer.model.train()
+    for _ in range(warmup):
+        trainer.train_step(x, y)
+    _sync(trainer.device)
+    per_step = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iters):
+            trainer.train_step(x, y)
+        _sync(trainer.device)
+        per_step.append((time.perf_counter() - start) / iters)
+    return statistics.median(per_step)
+
+
+def time_step(trainer: Trainer, batch_size: int, warmup: int, iters: int, rounds: int = 3) -> float:
+    """Seconds of one training step on a fixed, device-resident batch: on CUDA the steady-state mean
+    (``_steady_step_seconds``), elsewhere the median of individually timed steps."""
+    if trainer.device.type == "cuda" and trainer.world_size == 1:
+        return _steady_step_seconds(trainer, batch_size, warmup, iters, rounds)
     return statistics.median(_step_seconds(trainer, batch_size, warmup, iters))
 
 
@@ -109,7 +133,13 @@ def trainer_for(
     common = {
         "batch_size": args.batch_size,
         "model": {"arch": arch, "num_students": args.num_students},
-        "runtime": {"device": args.device, "compile": args.compile, "progress": "off"},
+        "runtime": {
+            "device": args.device,
+            "compile": args.compile,
+            "compile_mode": args.compile_mode,
+            "cuda_graph": args.cuda_graph,
+            "progress": "off",
+        },
         "data": {"dataset": "cifar10"},
     }
     return Trainer(build_config("paper-cifar10", {**common, **over}), dataset, workdir)
@@ -129,13 +159,15 @@ def machine() -> dict[str, Any]:
 
 def bench_arch(arch: str, args: argparse.Namespace, dataset: ImageDataset) -> dict[str, Any]:
     ensemble = trainer_for(arch, args, dataset, args.workdir)
-    t_ens = time_step(ensemble, args.batch_size, args.warmup, args.iters)
+    t_ens = time_step(ensemble, args.batch_size, args.warmup, args.iters, args.rounds)
     row: dict[str, Any] = {
         "arch": arch,
         "device": str(ensemble.device),
         "bf16": ensemble.amp,
         "channels_last": ensemble.channels_last,
         "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
+        "cuda_graph": args.cuda_graph,
         "batch_size": args.batch_size,
         "ensemble_step_s": t_ens,
         "ensemble_images_per_s": args.batch_size / t_ens,
@@ -144,7 +176,7 @@ def bench_arch(arch: str, args: argparse.Namespace, dataset: ImageDataset) -> di
     del ensemble
     for k in range(args.num_students):
         baseline = trainer_for(arch, args, dataset, args.workdir, mode="baseline", student=k)
-        t = time_step(baseline, args.batch_size, args.warmup, args.iters)
+        t = time_step(baseline, args.batch_size, args.warmup, args.iters, args.rounds)
         row["baselines"].append({"student": f"S{k + 1}", "step_s": t, "images_per_s": args.batch_size / t})
     total = sum(b["step_s"] for b in row["baselines"])
     row["baselines_total_step_s"] = total
@@ -163,15 +195,17 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Machine: {where}; torch {m['torch']}. Command: `{report['command']}`",
         "",
-        "| arch | device | bf16 | compile | batch | ensemble img/s | "
+        "| arch | device | bf16 | compile | CUDA graph | batch | ensemble img/s | "
         + " | ".join(f"S{k + 1} baseline img/s" for k in range(report["num_students"]))
         + " | ensemble step / sum of baseline steps |",
-        "|---|---|---|---|---:|---:|" + "---:|" * report["num_students"] + "---:|",
+        "|---|---|---|---|---|---:|---:|" + "---:|" * report["num_students"] + "---:|",
     ]
     for r in report["results"]:
         base = " | ".join(f"{b['images_per_s']:.0f}" for b in r["baselines"])
+        compiled = r.get("compile_mode") or r["compile"]
         lines.append(
-            f"| {r['arch']} | {r['device']} | {r['bf16']} | {r['compile']} | {r['batch_size']} "
+            f"| {r['arch']} | {r['device']} | {r['bf16']} | {compiled} | {r.get('cuda_graph', False)} "
+            f"| {r['batch_size']} "
             f"| {r['ensemble_images_per_s']:.0f} | {base} | {r['ensemble_over_baselines']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -239,9 +273,8 @@ def launch(n: int, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     cmd += [__file__, "--ddp-worker", "--worker-out", str(out), "--threads-per-rank", str(threads)]
     cmd += ["--archs", *args.archs, "--batch-size", str(args.batch_size)]
     cmd += ["--num-students", str(args.num_students), "--device", args.device]
-    cmd += ["--warmup", str(args.warmup), "--iters", str(args.iters)] + (
-        ["--compile"] if args.compile else []
-    )
+    cmd += ["--warmup", str(args.warmup), "--iters", str(args.iters), "--compile-mode", args.compile_mode]
+    cmd += ["--compile"] if args.compile else []
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -333,8 +366,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-students", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="torch.compile's mode (runtime.compile_mode); implies --compile unless 'default'",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture each full step in one CUDA graph (runtime.cuda_graph)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="CUDA: timed runs of --iters steps (median)")
+    p.add_argument("--tag", help="suffix of the output files (train_step-<device>-<tag>.json)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument(
         "--nproc",
@@ -357,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.compile = args.compile or args.compile_mode != "default"
+    if args.cuda_graph:
+        args.warmup = max(args.warmup, 5)  # the graph's own eager warm-up (3 steps) and its capture first
     if args.ddp_worker:
         ddp_worker(args)
         return 0
@@ -394,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         report["paper_reference"] = PAPER_REFERENCE
     out.mkdir(parents=True, exist_ok=True)
     device = report["results"][0]["device"].split(":")[0]
-    (out / f"{stem}-{device}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}-{device}.md").write_text(table)
+    name = f"{stem}-{device}" + (f"-{args.tag}" if args.tag else "")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)
     print(table)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,12 +47,18 @@ class DataConfig(_Strict):
     # Seeds the train/test split of datasets without an official one (digits, flat image folders) and
     # the validation split. Separate from the training seed so every seed is scored on the same test set.
     split_seed: int = Field(0, ge=0, lt=2**31)
+    # A seeded, class-balanced subset of the training split (drawn with split_seed, before the validation
+    # split): shorter experiments on a real dataset with its full test set. None trains on all of it.
+    train_subset: int | None = Field(None, ge=1)
     augment: bool = True
     flip: bool = True
 
 
 class OptimConfig(_Strict):
     name: Literal["sgd", "adam"] = "sgd"
+    # "step": lr x gamma at each milestone (the paper). "cosine": lr x (1 + cos(pi * epoch / epochs)) / 2,
+    # per epoch, down to ~0 at the end (Loshchilov & Hutter, SGDR, 2017); takes no milestones.
+    schedule: Literal["step", "cosine"] = "step"
     lr: float = Field(0.1, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
@@ -78,6 +85,11 @@ class OptimConfig(_Strict):
     def _nesterov_needs_momentum(self) -> OptimConfig:
         if self.name == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("nesterov: Nesterov SGD needs momentum > 0")
+        if self.schedule == "cosine" and self.milestones:
+            raise ValueError(
+                f"milestones: a cosine schedule takes no milestones, got {list(self.milestones)} "
+                "(set optim.milestones=[])"
+            )
         return self
 
 
@@ -87,6 +99,14 @@ class LossConfig(_Strict):
     kd_weight: float = Field(0.15, ge=0.0)
     temperature: float = Field(2.0, gt=0.0, le=100.0)
     kd_t_squared: bool = True
+    # Who teaches student i by KD: "mean" = the mean of all N students' logits (the paper);
+    # "leave-one-out" = the mean of the other N - 1 students' logits (student i is not its own teacher).
+    teacher: Literal["mean", "leave-one-out"] = "mean"
+    # Ramp the hint and KD weights up from ~0 over the first part of training with the sigmoid-shaped
+    # exp(-5 (1 - t)^2) (Laine & Aila 2017; ONE, Lan et al. 2018, ramps its KL cost over 80 of 300 epochs),
+    # so the students are not pulled towards an untrained teacher. A fraction of training in (0, 1) or a
+    # number of epochs >= 1, like optim.milestones; 0 = full weight from the first step (the paper).
+    rampup: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _some_weight(self) -> LossConfig:
@@ -100,8 +120,24 @@ class RuntimeConfig(_Strict):
     amp: Literal["auto", "bf16", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
+    # torch.compile's mode (with compile=true): "reduce-overhead" replays CUDA graphs (one process only),
+    # "max-autotune-no-cudagraphs" autotunes kernels without them. Full training batches are compiled
+    # for one static shape; a smaller last batch runs eagerly (same math, no recompile).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    # Capture forward, loss and backward of a full training batch in one CUDA graph and replay it every
+    # step: a CIFAR ensemble step is thousands of small kernels whose launches, not their arithmetic, set
+    # the pace on a GPU. CUDA and one process only; the optimizer step stays outside the graph.
+    cuda_graph: bool = False
+    # DDP: average BatchNorm statistics over every rank's slice (torch.nn.SyncBatchNorm, CUDA only).
+    # "auto": on when a rank's slice of the global batch is below 32 images, where per-slice statistics
+    # get noisy; "on" / "off" force it. Ignored in one process.
+    sync_batchnorm: Literal["auto", "on", "off"] = "auto"
     num_workers: int = Field(0, ge=0, le=64)
     checkpoint_every: int = Field(1, ge=1)
+    # Evaluate on the held-out splits every k epochs and always after the last one: on a CPU the test
+    # pass of a long experiment costs a third of a training epoch. Best-epoch figures then come from the
+    # evaluated epochs only.
+    eval_every: int = Field(1, ge=1)
     progress: Literal["auto", "bar", "log", "off"] = "auto"
 
     @field_validator("device")
@@ -111,6 +147,19 @@ class RuntimeConfig(_Strict):
         if not ok:
             raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         return device
+
+    @model_validator(mode="after")
+    def _compile_options_agree(self) -> RuntimeConfig:
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode: {self.compile_mode!r} needs runtime.compile=true")
+        if self.cuda_graph and self.compile_mode == "reduce-overhead":
+            raise ValueError(
+                "cuda_graph: reduce-overhead already replays CUDA graphs; use one of the two "
+                "(cuda_graph=true works with compile_mode default or max-autotune-no-cudagraphs)"
+            )
+        if self.cuda_graph and self.device == "cpu":
+            raise ValueError("cuda_graph: CUDA graphs need a CUDA device, not runtime.device='cpu'")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -136,6 +185,10 @@ class TrainConfig(_Strict):
         late = [m for m in self.optim.milestones if m >= 1 and m > self.epochs]
         if late:
             raise ValueError(f"optim.milestones: epochs {late} lie beyond the last epoch ({self.epochs})")
+        if self.loss.rampup >= 1 and self.loss.rampup > self.epochs:
+            raise ValueError(
+                f"loss.rampup: {self.loss.rampup:g} epochs lie beyond the last epoch ({self.epochs})"
+            )
         return self
 
     def milestone_epochs(self) -> list[int]:
@@ -144,8 +197,24 @@ class TrainConfig(_Strict):
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate used during 0-based ``epoch``."""
+        if self.optim.schedule == "cosine":
+            return self.optim.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
         passed = sum(epoch >= m for m in self.milestone_epochs())
         return self.optim.lr * self.optim.gamma**passed
+
+    def rampup_epochs(self) -> float:
+        """The length of the distillation ramp-up in epochs (0 = none)."""
+        r = self.loss.rampup
+        return r * self.epochs if r < 1 else r
+
+    def distill_scale(self, progress: float) -> float:
+        """Factor on the hint and KD weights after ``progress`` epochs of training (fractional: 2.5 is
+        halfway through the third epoch): exp(-5 (1 - t)^2) with t = progress / ramp-up length, 1 after it."""
+        length = self.rampup_epochs()
+        if length <= 0 or progress >= length:
+            return 1.0
+        t = max(progress, 0.0) / length
+        return math.exp(-5.0 * (1.0 - t) ** 2)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
@@ -155,6 +224,8 @@ class TrainConfig(_Strict):
         ident = self.to_dict()
         ident.pop("runtime")
         ident.pop("preset")
+        if self.mode == "baseline":
+            ident.pop("loss")  # a baseline trains on cross-entropy alone: the loss settings change nothing
         return ident
 
 
@@ -201,11 +272,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with ``override`` merged in (nested dicts merged, other values replaced)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_overrides(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -233,7 +305,7 @@ def build_config(preset: str | None = None, overrides: dict[str, Any] | None = N
     preset = overrides.pop("preset", None) or preset
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
-    raw = _merge(PRESETS[preset], overrides) if preset else overrides
+    raw = merge_overrides(PRESETS[preset], overrides) if preset else overrides
     if preset:
         raw["preset"] = preset
     try:
@@ -270,4 +342,4 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
         raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config: {path} must hold a mapping at the top level, got {type(raw).__name__}")
-    return build_config(None, _merge(raw, overrides or {}))
+    return build_config(None, merge_overrides(raw, overrides or {}))

@@ -24,6 +24,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "broadcast_tensors",
+    "convert_sync_batchnorm",
     "env_rank",
     "env_world_size",
     "init_from_env",
@@ -31,12 +32,17 @@ __all__ = [
     "local_rank",
     "rank",
     "shutdown",
+    "use_sync_batchnorm",
     "world_size",
 ]
 
 log = logging.getLogger("bockd.distributed")
 
 _OWNED = False  # True when init_from_env created the process group (so shutdown() may destroy it)
+
+# runtime.sync_batchnorm="auto" syncs below this many images per rank: BatchNorm's statistics over a small
+# slice are noisy and its accuracy drops as the per-GPU batch shrinks (Wu & He, "Group Normalization", 2018).
+SYNC_BN_MIN_SLICE = 32
 
 
 def env_world_size() -> int:
@@ -144,3 +150,28 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
     if is_distributed():
         for t in tensors:
             dist.broadcast(t, src=src)
+
+
+def use_sync_batchnorm(mode: str, world_size: int, batch_size: int, device_type: str) -> bool:
+    """Whether a run of ``world_size`` ranks with global ``batch_size`` should use SyncBatchNorm.
+
+    ``mode`` is ``runtime.sync_batchnorm``: "off", "on", or "auto" (on when a rank's slice is below
+    ``SYNC_BN_MIN_SLICE`` images). Never in one process. PyTorch's SyncBatchNorm runs on CUDA only, so
+    "on" elsewhere is an error and "auto" falls back to per-rank BatchNorm.
+    """
+    if world_size <= 1 or mode == "off":
+        return False
+    if device_type != "cuda":
+        if mode == "on":
+            raise ConfigError(
+                f"runtime.sync_batchnorm: 'on' needs CUDA (torch.nn.SyncBatchNorm rejects {device_type} "
+                "tensors); use 'auto' or 'off'"
+            )
+        return False
+    return mode == "on" or batch_size // world_size < SYNC_BN_MIN_SLICE
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every BatchNorm layer replaced by a SyncBatchNorm holding the same parameters and
+    buffers (state_dict keys unchanged, so checkpoints load either way). Call before wrapping in DDP."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

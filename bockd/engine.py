@@ -1,19 +1,23 @@
 """The training engine: one loop for the BOC-KD ensemble and for a single-student baseline.
 
 Speed by construction: the whole step stays on the device (loss terms and accuracy counts accumulate
-in device tensors and are read once per epoch), bf16 autocast and channels_last on CUDA, optional
-``torch.compile``. Exact resume: data order and augmentation depend only on (seed, epoch), and a
-checkpoint holds model, optimizer, scheduler and RNG states, written atomically every k epochs.
+in device tensors and are read once per epoch), bf16 autocast, channels_last, cuDNN autotuning and a
+fused optimizer on CUDA, optional ``torch.compile`` (``runtime.compile_mode``) and whole-step CUDA
+graphs (``runtime.cuda_graph``, see ``bockd.step_graph``) for full batches. Exact resume: data order and
+augmentation depend only on (seed, epoch), and a checkpoint holds model, optimizer, scheduler and RNG
+states, written atomically every k epochs.
 
 Distributed (``torchrun``, WORLD_SIZE > 1): one process per device, the model wrapped in
 DistributedDataParallel. ``batch_size`` stays the global batch: every rank trains on its slice of the
 single-process global batch (see ``bockd.data.loaders``), so one step of N ranks is the single-process
 step with BatchNorm statistics taken per rank slice (plain BatchNorm per rank, as DDP does by default and
 as the paper's multi-GPU setup would; running statistics are rank 0's, broadcast by DDP before every
-forward and after every epoch). Per-epoch metrics are sums and counts all-reduced over ranks, so they are
-the whole epoch's. Evaluation is sharded the same way and reduced (exact: it counts hits). Only rank 0
-reads and writes the workdir (checkpoint, outputs), logs and calls callbacks; the others wait at a
-barrier. Checkpoints hold the un-wrapped model, so a run resumes with any number of ranks.
+forward and after every epoch), unless ``runtime.sync_batchnorm`` turns on SyncBatchNorm (CUDA; by
+default when a rank's slice is below 32 images), which takes them over the whole global batch. Per-epoch
+metrics are sums and counts all-reduced over ranks, so they are the whole epoch's. Evaluation is sharded
+the same way and reduced (exact: it counts hits). Only rank 0 reads and writes the workdir (checkpoint,
+outputs), logs and calls callbacks; the others wait at a barrier. Checkpoints hold the un-wrapped model,
+so a run resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from bockd.data import BatchLoader, ImageDataset, load_dataset, pad_for
 from bockd.errors import CheckpointError, ConfigError
 from bockd.losses import BOCKDLoss, LossOutput, baseline_loss
 from bockd.models import BranchedEnsemble, create_model
+from bockd.step_graph import GraphedStep
 
 log = logging.getLogger("bockd.train")
 
@@ -113,12 +118,20 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def load_training_data(config: TrainConfig) -> ImageDataset:
-    """The dataset named by ``config.data``, with the seeded validation split carved out if asked."""
+def load_training_data(config: TrainConfig, source: str | Path | None = None) -> ImageDataset:
+    """The dataset named by ``config.data`` (read from ``source`` instead of ``data.path`` if given):
+    the seeded class-balanced training subset drawn, then the seeded validation split carved out,
+    each only if asked for."""
     data = config.data
     dataset = load_dataset(
-        data.dataset, data.path, download=data.download, image_size=data.image_size, seed=data.split_seed
+        data.dataset,
+        data.path if source is None else source,
+        download=data.download,
+        image_size=data.image_size,
+        seed=data.split_seed,
     )
+    if data.train_subset is not None:
+        dataset = dataset.with_train_subset(data.train_subset, data.split_seed)
     if data.val_fraction > 0:
         dataset = dataset.with_validation_split(data.val_fraction, data.split_seed)
     return dataset
@@ -156,9 +169,15 @@ class Trainer:
         self.amp = config.runtime.amp == "bf16" or (config.runtime.amp == "auto" and cuda)
         if self.amp and cuda and not torch.cuda.is_bf16_supported():
             raise ConfigError("runtime.amp: bf16 was asked for but this GPU does not support it")
+        # A CUDA graph capture must not keep autocast's cached weight casts (they would be freed memory).
+        self._autocast_kwargs: dict[str, Any] = {"cache_enabled": False} if config.runtime.cuda_graph else {}
         self.channels_last = config.runtime.channels_last == "on" or (
             config.runtime.channels_last == "auto" and cuda
         )
+        self._check_step_options()
+        if cuda:
+            # Every training batch but the last has one shape: let cuDNN time its algorithms once per shape.
+            torch.backends.cudnn.benchmark = True
         self.ensemble_mode = config.mode == "ensemble"
         n = config.model.num_students
 
@@ -181,6 +200,16 @@ class Trainer:
         self.model.to(
             self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format
         )
+        rt = config.runtime
+        self.sync_batchnorm = dist.use_sync_batchnorm(
+            rt.sync_batchnorm, self.world_size, config.batch_size, self.device.type
+        )
+        if self.sync_batchnorm:  # before DDP wraps it; the state_dict keys stay those of BatchNorm
+            self.model = dist.convert_sync_batchnorm(self.model)
+            if self.is_main:
+                log.info(
+                    "SyncBatchNorm: statistics over all %d ranks (runtime.sync_batchnorm)", self.world_size
+                )
         # Under DDP the training forward goes through the wrapper (gradient all-reduce, rank 0's buffers
         # broadcast first); evaluation uses the plain module, whose buffers every rank holds identically.
         # Every parameter gets a gradient each step (the hint adapters through the loss, outside the
@@ -190,16 +219,20 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if cuda else None
             )
-        maybe_compile = torch.compile if config.runtime.compile else (lambda module: module)
-        self.forward = maybe_compile(self.ddp if self.ddp is not None else self.model)
-        self.eval_forward = self.forward if self.ddp is None else maybe_compile(self.model)
+        # One process: full training batches take the fast step (_build_fast_step: compiled and/or one CUDA
+        # graph), the rest this eager forward. Under DDP the wrapper itself is compiled, as PyTorch documents.
+        self.forward = self._compiled(self.ddp) if self.ddp is not None else self.model
+        self.eval_forward = self._compiled(self.model)
 
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda epoch: config.lr_at(epoch) / config.optim.lr
         )
         lc = config.loss
-        self.loss = BOCKDLoss(lc.ce_weight, lc.hint_weight, lc.kd_weight, lc.temperature, lc.kd_t_squared)
+        self.loss = BOCKDLoss(
+            lc.ce_weight, lc.hint_weight, lc.kd_weight, lc.temperature, lc.kd_t_squared, lc.teacher
+        )
+        self._build_fast_step()
 
         mean, std = dataset.mean_std()
         self.mean, self.std = mean, std
@@ -238,14 +271,72 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
         params = list(self.model.parameters())  # adapters included: they are part of the ensemble
+        # On CUDA one fused kernel updates every parameter (foreach would launch dozens per step).
+        fused: dict[str, Any] = {"fused": True} if self.device.type == "cuda" else {}
         if o.name == "sgd":
             return torch.optim.SGD(
-                params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+                params,
+                lr=o.lr,
+                momentum=o.momentum,
+                nesterov=o.nesterov,
+                weight_decay=o.weight_decay,
+                **fused,
             )
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, **self._autocast_kwargs)
+
+    def _check_step_options(self) -> None:
+        """Reject runtime options this device or launch cannot honour, before any tensor is allocated."""
+        rt = self.config.runtime
+        if rt.cuda_graph and self.device.type != "cuda":
+            raise ConfigError(
+                f"runtime.cuda_graph: CUDA graphs need a CUDA device, this run uses {self.device}"
+            )
+        if self.world_size > 1 and rt.cuda_graph:
+            raise ConfigError(
+                "runtime.cuda_graph: one process only (DDP's gradient all-reduce is not captured)"
+            )
+        if self.world_size > 1 and rt.compile_mode == "reduce-overhead":
+            raise ConfigError(
+                "runtime.compile_mode: 'reduce-overhead' (CUDA graphs) is for one process; under DDP use "
+                "'default' or 'max-autotune-no-cudagraphs'"
+            )
+
+    def _compiled(self, module: nn.Module) -> Any:
+        """``module`` under torch.compile with ``runtime.compile_mode`` (itself when compile is off). With
+        reduce-overhead every call starts a new CUDA-graph step, so no replay overwrites outputs in use."""
+        rt = self.config.runtime
+        if not rt.compile:
+            return module
+        compiled = torch.compile(module, mode=rt.compile_mode)
+        if rt.compile_mode != "reduce-overhead":
+            return compiled
+
+        def marked(*args: Any) -> Any:
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args)
+
+        return marked
+
+    def _build_fast_step(self) -> None:
+        """The step of full training batches in one process: ``_loss_tensors`` compiled (static shape)
+        and/or captured in one CUDA graph (``bockd.step_graph``). Nothing when neither is asked for."""
+        rt = self.config.runtime
+        self._full_batch = self.config.batch_size // self.world_size
+        self._step_fn: Any = None
+        self._graph: GraphedStep | None = None
+        self._distill_t = torch.ones((), device=self.device)  # the ramp-up factor as a graph input
+        if self.ddp is not None or not (rt.compile or rt.cuda_graph):
+            return
+        self._step_fn = self._loss_tensors
+        if rt.compile:
+            self._step_fn = torch.compile(self._loss_tensors, mode=rt.compile_mode, dynamic=False)
+        if rt.cuda_graph:
+            self._graph = GraphedStep(self._graph_body, self._zero_grad, self.device)
 
     # -- checkpoints --------------------------------------------------------------------------------
     @cached_property
@@ -326,8 +417,9 @@ class Trainer:
         bar = self._progress_bar(epochs) if self.is_main else None
         for epoch in range(self.start_epoch, epochs):
             metrics = self._train_epoch(epoch, bar)
-            for split, loader in self.eval_loaders.items():
-                metrics.update(self.evaluate(loader, split))
+            if self.evaluates_after(epoch):
+                for split, loader in self.eval_loaders.items():
+                    metrics.update(self.evaluate(loader, split))
             self.history.append(metrics)
             if self.is_main:
                 self._log_epoch(metrics, bar)
@@ -349,6 +441,10 @@ class Trainer:
         dist.barrier()
         return result
 
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the held-out splits are scored after 0-based ``epoch`` (every k-th and the last)."""
+        return (epoch + 1) % self.config.runtime.eval_every == 0 or epoch + 1 == self.config.epochs
+
     def _train_epoch(self, epoch: int, bar: tqdm | None) -> dict[str, float]:
         self.model.train()
         n = len(self.labels)
@@ -359,20 +455,22 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         batch_size, n_train = self.config.batch_size, len(self.dataset.train)
+        steps = len(self.train_loader)
+        distill_sum = 0.0
         for i, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+            distill_scale = self.config.distill_scale(epoch + i / steps)
+            distill_sum += distill_scale
             scale = 1.0
             if self.world_size > 1:
                 # DDP averages the ranks' gradients with equal weights; a last global batch split into
                 # unequal slices needs each rank's mean loss weighted by its share to give the batch mean.
                 global_size = min(batch_size, n_train - i * batch_size)
                 scale = y.shape[0] * self.world_size / global_size
-            loss, logits = self.train_step(x, y, scale)
+            loss, logits = self.train_step(x, y, scale, distill_scale)
             with torch.no_grad():
                 b = y.shape[0]
                 terms += torch.stack([loss.ce, loss.hint, loss.kd]).detach() * b
-                if self.ensemble_mode:
-                    logits = [*logits, torch.stack(logits).mean(0)]
-                correct += torch.stack([(z.argmax(1) == y).sum() for z in logits])
+                correct += count_correct(logits, y, self.ensemble_mode)
             seen += y.shape[0]
             if bar is not None:
                 bar.update(1)
@@ -393,8 +491,12 @@ class Trainer:
             "images_per_s": seen / seconds,
         }
         w = self.config.loss
-        total = (w.ce_weight * terms[0] + w.hint_weight * terms[1] + w.kd_weight * terms[2]).sum()
+        distill_scale = distill_sum / max(steps, 1)  # the epoch's mean ramp-up factor
+        distill = distill_scale * (w.hint_weight * terms[1] + w.kd_weight * terms[2])
+        total = (w.ce_weight * terms[0] + distill).sum()
         metrics["train/loss"] = float(terms[0].sum() if not self.ensemble_mode else total)
+        if self.ensemble_mode:
+            metrics["train/distill_scale"] = distill_scale
         for k, label in enumerate(self.labels):
             metrics[f"train/{label}/ce"] = float(terms[0, k])
             if self.ensemble_mode:
@@ -405,22 +507,58 @@ class Trainer:
             metrics["train/ensemble/top1"] = float(correct[n])
         return metrics
 
-    def train_step(self, x: Tensor, y: Tensor, scale: float = 1.0) -> tuple[LossOutput, list[Tensor]]:
-        """One optimizer step on (x, y); ``scale`` multiplies the loss that is back-propagated."""
+    def train_step(
+        self, x: Tensor, y: Tensor, scale: float = 1.0, distill_scale: float = 1.0
+    ) -> tuple[LossOutput, list[Tensor]]:
+        """One optimizer step on (x, y); ``scale`` multiplies the loss that is back-propagated,
+        ``distill_scale`` the hint and KD weights (the ramp-up). Full batches take the fast step when
+        there is one; outputs of a CUDA-graph step are overwritten by the next step."""
+        if self._step_fn is not None and scale == 1.0 and x.shape[0] == self._full_batch:
+            out = (
+                self._graph(x, y, distill_scale)
+                if self._graph is not None
+                else self._compiled_step(x, y, distill_scale)
+            )
+            loss, logits = LossOutput(*out[:4]), list(out[4:])
+        else:
+            # After a capture the graph owns the .grad tensors: zero them in place, never drop them.
+            self._zero_grad(self._graph is None or not self._graph.captured)
+            loss, logits = self._forward_loss(x, y, distill_scale)
+            (loss.total if scale == 1.0 else loss.total * scale).backward()
+        self.optimizer.step()
+        return loss, logits
+
+    def _forward_loss(
+        self, x: Tensor, y: Tensor, distill_scale: float | Tensor
+    ) -> tuple[LossOutput, list[Tensor]]:
         with self._autocast():
             if self.ensemble_mode:
                 out = self.forward(x)
                 model: BranchedEnsemble = self.model  # type: ignore[assignment]
                 adapted = [model.adapt(i, out.features[i]) for i in range(1, model.num_students)]
-                loss = self.loss(out.logits, y, out.features[0], adapted)
-                logits = out.logits
-            else:
-                z = self.forward(x)
-                loss, logits = baseline_loss(z, y), [z]
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss.total if scale == 1.0 else loss.total * scale).backward()
-        self.optimizer.step()
-        return loss, logits
+                loss = self.loss(out.logits, y, out.features[0], adapted, distill_scale)
+                return loss, out.logits
+            z = self.forward(x)
+            return baseline_loss(z, y), [z]
+
+    def _loss_tensors(self, x: Tensor, y: Tensor, distill_scale: Tensor) -> tuple[Tensor, ...]:
+        """``_forward_loss`` flat (total, ce, hint, kd, *logits): what compile and CUDA graphs return."""
+        loss, logits = self._forward_loss(x, y, distill_scale)
+        return (loss.total, loss.ce, loss.hint, loss.kd, *logits)
+
+    def _zero_grad(self, set_to_none: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _graph_body(self, x: Tensor, y: Tensor, distill_scale: Tensor) -> tuple[Tensor, ...]:
+        out = self._step_fn(x, y, distill_scale)
+        out[0].backward()
+        return out
+
+    def _compiled_step(self, x: Tensor, y: Tensor, distill_scale: float) -> tuple[Tensor, ...]:
+        if self.config.runtime.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are done with
+        self._zero_grad(True)
+        return self._graph_body(x, y, self._distill_t.fill_(distill_scale))
 
     @torch.no_grad()
     def evaluate(self, loader: BatchLoader, split: str = "test") -> dict[str, float]:
@@ -493,16 +631,29 @@ class Trainer:
     def _log_epoch(self, m: dict[str, float], bar: tqdm | None) -> None:
         if self.config.runtime.progress == "off":
             return
-        accs = " ".join(f"{label}={m[f'test/{label}/top1']:.2f}" for label in self.labels)
-        ens = f" ens={m['test/ensemble/top1']:.2f}" if "test/ensemble/top1" in m else ""
+        if f"test/{self.labels[0]}/top1" in m:
+            accs = " ".join(f"{label}={m[f'test/{label}/top1']:.2f}" for label in self.labels)
+            ens = f" ens={m['test/ensemble/top1']:.2f}" if "test/ensemble/top1" in m else ""
+            scored = f" test top-1 {accs}{ens}"
+        else:
+            scored = " (not evaluated: runtime.eval_every)"
         line = (
             f"[{self.config.mode}] epoch {int(m['epoch'])}/{self.config.epochs} lr={m['lr']:.4g} "
-            f"loss={m['train/loss']:.4f} test top-1 {accs}{ens} ({m['images_per_s']:.0f} img/s)"
+            f"loss={m['train/loss']:.4f}{scored} ({m['images_per_s']:.0f} img/s)"
         )
         if bar is not None:
             bar.write(line)
         else:
             log.info(line)
+
+
+def count_correct(logits: list[Tensor], y: Tensor, with_ensemble: bool) -> Tensor:
+    """Correct top-1 predictions of every head, then (``with_ensemble``) of the mean-logit ensemble: a few
+    kernels for all heads together, not three per head (launches are what a small step pays for)."""
+    stacked = torch.stack(logits)
+    if with_ensemble:
+        stacked = torch.cat([stacked, stacked.mean(0, keepdim=True)])
+    return (stacked.argmax(-1) == y).sum(1)
 
 
 def _call(cb: Any, name: str, *args: Any) -> None:

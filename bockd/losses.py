@@ -41,27 +41,49 @@ class HintTerm(nn.Module):
         return torch.stack(per_student)
 
 
+TEACHERS = ("mean", "leave-one-out")
+
+
+def teacher_logits(stacked: Tensor, teacher: str = "mean") -> Tensor:
+    """The detached teacher logits of every student, shape [N, B, C], from the students' [N, B, C].
+
+    ``"mean"``: every student's teacher is the mean of all N students' logits (BOC-KD's ensemble).
+    ``"leave-one-out"``: student i's teacher is the mean of the other N - 1 students' logits, so no
+    student is pulled towards a target that holds its own prediction.
+    """
+    n = stacked.shape[0]
+    total = stacked.detach().sum(0)
+    if teacher == "mean":
+        return (total / n).expand_as(stacked)
+    if teacher == "leave-one-out":
+        return (total.unsqueeze(0) - stacked.detach()) / (n - 1)
+    raise ValueError(f"teacher: expected one of {TEACHERS}, got {teacher!r}")
+
+
 class KDTerm(nn.Module):
     """KL(teacher || student) at temperature T for every student, S1 included.
 
-    The teacher is the plain mean of all students' logits, detached. Both distributions are
-    log-softmaxes and ``kl_div(..., log_target=True)`` compares them directly: ``softmax().log()``
-    would turn an underflowed probability into -inf and the loss into NaN for large logits.
+    The teacher (``teacher_logits``) is detached. Both distributions are log-softmaxes and
+    ``kl_div(..., log_target=True)`` compares them directly: ``softmax().log()`` would turn an
+    underflowed probability into -inf and the loss into NaN for large logits.
     """
 
-    def __init__(self, temperature: float = 2.0, t_squared: bool = True) -> None:
+    def __init__(self, temperature: float = 2.0, t_squared: bool = True, teacher: str = "mean") -> None:
         super().__init__()
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher: expected one of {TEACHERS}, got {teacher!r}")
         self.temperature = temperature
         self.t_squared = t_squared
+        self.teacher = teacher
 
     def forward(self, logits: list[Tensor]) -> Tensor:
         t = self.temperature
         stacked = torch.stack([z.float() for z in logits])
-        teacher_log_p = F.log_softmax(stacked.mean(0).detach() / t, dim=-1)
+        teacher_log_p = F.log_softmax(teacher_logits(stacked, self.teacher) / t, dim=-1)
         scale = t * t if self.t_squared else 1.0
         terms = [
-            F.kl_div(F.log_softmax(z / t, dim=-1), teacher_log_p, reduction="batchmean", log_target=True)
-            for z in stacked
+            F.kl_div(F.log_softmax(z / t, dim=-1), target, reduction="batchmean", log_target=True)
+            for z, target in zip(stacked, teacher_log_p, strict=True)
         ]
         return torch.stack(terms) * scale
 
@@ -75,7 +97,10 @@ class LossOutput:
 
 
 class BOCKDLoss(nn.Module):
-    """0.7 * CE + 0.15 * hint + 0.15 * KD by default (DESIGN.md section 1)."""
+    """0.7 * CE + 0.15 * hint + 0.15 * KD by default (DESIGN.md section 1).
+
+    ``distill_scale`` in ``forward`` multiplies the hint and KD weights (the ramp-up, 1 without one).
+    """
 
     def __init__(
         self,
@@ -84,12 +109,13 @@ class BOCKDLoss(nn.Module):
         kd_weight: float = 0.15,
         temperature: float = 2.0,
         kd_t_squared: bool = True,
+        teacher: str = "mean",
     ) -> None:
         super().__init__()
         self.ce_weight, self.hint_weight, self.kd_weight = ce_weight, hint_weight, kd_weight
         self.ce = CrossEntropyTerm()
         self.hint = HintTerm()
-        self.kd = KDTerm(temperature, kd_t_squared)
+        self.kd = KDTerm(temperature, kd_t_squared, teacher)
 
     def forward(
         self,
@@ -97,12 +123,14 @@ class BOCKDLoss(nn.Module):
         targets: Tensor,
         teacher_features: list[Tensor] | None = None,
         adapted: list[list[Tensor]] | None = None,
+        distill_scale: float = 1.0,
     ) -> LossOutput:
         ce = self.ce(logits, targets)
         zeros = torch.zeros_like(ce)
         hint = self.hint(teacher_features, adapted) if self.hint_weight and adapted else zeros
         kd = self.kd(logits) if self.kd_weight and len(logits) > 1 else zeros
-        total = self.ce_weight * ce.sum() + self.hint_weight * hint.sum() + self.kd_weight * kd.sum()
+        distill = self.hint_weight * hint.sum() + self.kd_weight * kd.sum()
+        total = self.ce_weight * ce.sum() + distill_scale * distill
         return LossOutput(total=total, ce=ce, hint=hint, kd=kd)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bockd.checkpoint import atomic_write
+from bockd.significance import gain_noise, reading
 
 
 def _figure_to_data_uri(fig: Any) -> str:
@@ -68,12 +69,11 @@ def training_curves_plot(history: list[dict[str, float]], labels: list[str]) -> 
     plt = _pyplot()
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     epochs = [h["epoch"] for h in history]
-    for label in labels:
-        key = f"test/{label}/top1"
-        if all(key in h for h in history):
-            acc.plot(epochs, [h[key] for h in history], label=label.upper())
-    if all("test/ensemble/top1" in h for h in history):
-        acc.plot(epochs, [h["test/ensemble/top1"] for h in history], "k:", label="ensemble")
+    for label, style in [*((label.upper(), "-") for label in labels), ("ensemble", "k:")]:
+        key = f"test/{label.lower()}/top1"
+        scored = [h for h in history if key in h]  # runtime.eval_every may skip epochs
+        if scored:
+            acc.plot([h["epoch"] for h in scored], [h[key] for h in scored], style, label=label)
     loss.plot(epochs, [h["train/loss"] for h in history], label="training loss")
     acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
     loss.set(xlabel="epoch", ylabel="loss", title="training loss (weighted sum over students)")
@@ -106,6 +106,15 @@ def summary_rows(
                 "top5": float(ev["top5"]),
                 "baseline_top1": base,
                 "gain": None if base is None else float(ev["top1"]) - base,
+                # One run, one seed: a gain only counts beyond the test set's binomial noise.
+                "gain_noise": None
+                if base is None
+                else gain_noise(base, float(ev["top1"]), int(ev["num_test"])),
+                "gain_reading": (
+                    None
+                    if base is None
+                    else reading(float(ev["top1"]) - base, base, float(ev["top1"]), int(ev["num_test"]))
+                ),
                 "flops": int(ev["flops"]),
                 "latency_ms": ev.get("latency_ms", {}).get("1", {}).get("p50"),
                 "model": reg.get("name"),
@@ -119,6 +128,28 @@ def summary_rows(
 def format_optional(value: Any, spec: str = "", missing: str = "-") -> str:
     """``value`` formatted with ``spec``, or ``missing`` when there is none (no baseline, no version)."""
     return missing if value is None else format(value, spec)
+
+
+WITHIN_NOISE_MARK = "≈"
+
+
+def format_gain(row: dict[str, Any]) -> str:
+    """A row's gain in points, marked ``≈`` when it lies within the test set's noise band."""
+    if row.get("gain") is None:
+        return "-"
+    mark = f" {WITHIN_NOISE_MARK}" if row.get("gain_reading") == "within noise" else ""
+    return f"{row['gain']:+.2f}{mark}"
+
+
+def noise_legend(rows: list[dict[str, Any]]) -> str:
+    """One sentence saying what ``≈`` means for these rows, with the widest band among them."""
+    bands = [r["gain_noise"] for r in rows if r.get("gain_noise") is not None]
+    if not bands:
+        return ""
+    return (
+        f"{WITHIN_NOISE_MARK} = within test-set noise: a gain counts only beyond two binomial standard "
+        f"errors of the difference (up to ±{max(bands):.2f} points here); one seed: small gains are none."
+    )
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -135,7 +166,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             f"{r['top1']:.2f}",
             f"{r['top5']:.2f}",
             format_optional(r["baseline_top1"], ".2f"),
-            format_optional(r["gain"], "+.2f"),
+            format_gain(r),
             f"{r['flops'] / 1e6:.2f}",
             format_optional(r["latency_ms"], ".2f"),
             format_optional(r["model"]),
@@ -190,6 +221,7 @@ def render_report(
 <img src="{accuracy_vs_size_plot(rows, ensemble_top1)}" alt="top-1 accuracy against parameters">
 <h2>Students</h2>
 {_table(rows)}
+<p>{html.escape(noise_legend(rows))}</p>
 <h2>Selection</h2>
 <p>Policy: <code>{esc(str(selection["policy"] or "every student"))}</code></p>
 <ul class="reasons">{"".join(reasons)}</ul>

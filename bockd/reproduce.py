@@ -1,24 +1,30 @@
 """Reproduce the paper's comparison: the BOC-KD ensemble against every student's own baseline.
 
-For each seed, one ensemble run and one baseline run per student on the identical schedule and seed.
-Every run lives in its own folder and resumes, so an interrupted reproduction continues where it
-stopped and a finished one is not trained again. Outputs: ``results.json``, ``results.md`` and
-``accuracy_vs_params.png``.
+For each seed, one ensemble run and one baseline run per chosen student on the identical schedule and
+seed. Every run lives in its own folder and resumes, so an interrupted reproduction continues where it
+stopped and a finished one is not trained again. Outputs, rewritten each time a seed's runs are all done
+(so a long reproduction shows its results as they come): ``results.json``, ``results.md`` and
+``accuracy_vs_params.png``. Gains are paired per seed, then averaged; each is read against the test set's
+binomial noise (``bockd.significance``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bockd.checkpoint import atomic_write, write_json
 from bockd.config import TrainConfig, build_config
+from bockd.data import ImageDataset
 from bockd.engine import Trainer, TrainResult, load_training_data
 from bockd.errors import ConfigError
 from bockd.models import student_table
+from bockd.significance import NOISE_RULE, gain_noise, reading
 
 log = logging.getLogger("bockd.reproduce")
 
@@ -33,17 +39,20 @@ def reproduction_configs(
     num_students: int = 5,
     data_path: str | None = None,
     overrides: dict[str, Any] | None = None,
-    baselines: bool = True,
+    baselines: bool | Sequence[int] = True,
 ) -> dict[int, dict[str, TrainConfig]]:
     """Every run's validated config, per seed: ``{"ensemble": cfg, "baseline-s1": cfg, ...}``.
 
-    Built in full before anything trains, so a bad value fails at once rather than after hours.
+    ``baselines``: True for every student, False for none, or the 0-based indices of the students that
+    get one (e.g. ``(0, 4)``: S1 and S5). Built in full before anything trains, so a bad value fails at
+    once rather than after hours.
     """
     seeds = list(seeds)
     if not seeds:
         raise ConfigError("seeds: expected at least one seed, got none")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: each seed may appear once, got {seeds}")
+    chosen = baseline_students(baselines, num_students)
     runs: dict[int, dict[str, TrainConfig]] = {}
     for seed in seeds:
         base: dict[str, Any] = {
@@ -57,13 +66,40 @@ def reproduction_configs(
         if epochs is not None:
             base["epochs"] = epochs
         per_seed = {"ensemble": build_config(preset, {**base, "mode": "ensemble"})}
-        if baselines:
-            for k in range(num_students):
-                per_seed[f"baseline-s{k + 1}"] = build_config(
-                    preset, {**base, "mode": "baseline", "student": k}
-                )
+        for k in chosen:
+            per_seed[f"baseline-s{k + 1}"] = build_config(preset, {**base, "mode": "baseline", "student": k})
         runs[seed] = per_seed
     return runs
+
+
+def baseline_students(baselines: bool | Sequence[int], num_students: int) -> list[int]:
+    """The sorted 0-based students that get a baseline run; ConfigError for an index out of range."""
+    if baselines is True:
+        return list(range(num_students))
+    if baselines is False:
+        return []
+    chosen = sorted(set(baselines))
+    bad = [k for k in chosen if not 0 <= k < num_students]
+    if bad:
+        raise ConfigError(
+            f"baselines: students {[k + 1 for k in bad]} do not exist (expected 1..{num_students})"
+        )
+    return chosen
+
+
+def identity_digest(config: TrainConfig) -> str:
+    """12 hex digits naming what decides a run's weights (``TrainConfig.training_identity``)."""
+    ident = json.dumps(config.training_identity(), sort_keys=True)
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+def run_folder(out_dir: Path, seed: int, name: str, config: TrainConfig, runs_dir: Path | None) -> Path:
+    """Where a run lives: ``<out>/seed-<s>/<name>``, or in a shared ``runs_dir`` under a name that holds
+    the digest of its training identity, so runs that would train the same weights (a baseline shared by
+    several recipes with one schedule) are trained once."""
+    if runs_dir is None:
+        return out_dir / f"seed-{seed}" / name
+    return runs_dir / f"seed-{seed}" / f"{name}-{identity_digest(config)}"
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -74,8 +110,14 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     }
 
 
-def summarize(results: dict[int, dict[str, TrainResult]], table: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per student: params, size, baseline and BOC-KD top-1 (final and best epoch), gains, over seeds."""
+def summarize(
+    results: dict[int, dict[str, TrainResult]], table: list[dict[str, Any]], test_images: int | None = None
+) -> dict[str, Any]:
+    """Per student: params, size, baseline and BOC-KD top-1 (final and best epoch), gains, over seeds.
+
+    With ``test_images`` (the test set's size) every gain is also read against the test set's binomial
+    noise: ``noise_points`` (the band's half-width) and ``reading`` ("gain", "loss", "within noise").
+    """
     seeds = sorted(results)
     students = []
     for row in table:
@@ -92,7 +134,12 @@ def summarize(results: dict[int, dict[str, TrainResult]], table: list[dict[str, 
             entry["baseline_best"] = _mean_std([b["best_top1"] for b in base])
             gains = [e["final_top1"] - b["final_top1"] for e, b in zip(ens, base, strict=True)]
             entry["gain_points"] = _mean_std(gains)
+            entry["positive_seeds"] = sum(g > 0 for g in gains)
             baseline_mean = entry["baseline_final"]["mean"]
+            if test_images:
+                bockd_mean, gain = entry["bockd_final"]["mean"], entry["gain_points"]["mean"]
+                entry["noise_points"] = gain_noise(baseline_mean, bockd_mean, test_images)
+                entry["reading"] = reading(gain, baseline_mean, bockd_mean, test_images)
             # Relative to a baseline at 0 % accuracy is meaningless: leave it out rather than print 1e11 %.
             if baseline_mean > 0:
                 entry["gain_relative_pct"] = 100.0 * entry["gain_points"]["mean"] / baseline_mean
@@ -101,6 +148,8 @@ def summarize(results: dict[int, dict[str, TrainResult]], table: list[dict[str, 
     ensemble = [results[s]["ensemble"].summary()["students"]["ensemble"] for s in seeds]
     return {
         "seeds": seeds,
+        "test_images": test_images,
+        "noise_rule": NOISE_RULE,
         "students": students,
         "ensemble": {
             "final": _mean_std([e["final_top1"] for e in ensemble]),
@@ -109,30 +158,46 @@ def summarize(results: dict[int, dict[str, TrainResult]], table: list[dict[str, 
     }
 
 
-def _pm(stat: dict[str, float] | None) -> str:
+def _pm(stat: dict[str, Any] | None, signed: bool = False) -> str:
     if stat is None:
         return "-"
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f}" if len(stat["values"]) > 1 else f"{stat['mean']:.2f}"
+    mean = f"{stat['mean']:+.2f}" if signed else f"{stat['mean']:.2f}"
+    return f"{mean} ± {stat['std']:.2f}" if len(stat["values"]) > 1 else mean
+
+
+def _reading_cell(s: dict[str, Any]) -> str:
+    if "reading" not in s:
+        return "-"
+    return f"{s['reading']} (±{s['noise_points']:.2f})"
 
 
 def markdown_table(summary: dict[str, Any], title: str) -> str:
+    seeds = summary["seeds"]
+    n = summary.get("test_images")
     rows = [
         f"### {title}",
         "",
-        f"Seeds: {', '.join(map(str, summary['seeds']))}. Top-1 test accuracy (%) at the final epoch; "
-        "best epoch beside it (the paper's choice).",
+        f"Seeds: {', '.join(map(str, seeds))}. Top-1 test accuracy (%) at the final epoch, mean ± std over "
+        "seeds; the gain is paired per seed (same seed, schedule and initial weights); best epoch beside "
+        "it (the paper's choice)."
+        + (
+            f" Reading: {n:,} test images; {summary.get('noise_rule', NOISE_RULE)} (the band in brackets)."
+            if n
+            else ""
+        ),
         "",
         "| student | params | size % | baseline top-1 | BOC-KD top-1 | gain (points) | gain (relative) "
-        "| baseline best | BOC-KD best |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| seeds with gain > 0 | reading | baseline best | BOC-KD best |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for s in summary["students"]:
-        gain = _pm(s.get("gain_points"))
+        gain = _pm(s.get("gain_points"), signed=True)
         rel = f"{s['gain_relative_pct']:+.2f} %" if "gain_relative_pct" in s else "-"
+        positive = f"{s['positive_seeds']}/{len(seeds)}" if "positive_seeds" in s else "-"
         rows.append(
             f"| {s['student']} | {s['params']:,} | {s['size_pct']:.2f} | {_pm(s.get('baseline_final'))} "
-            f"| {_pm(s['bockd_final'])} | {gain} | {rel} | {_pm(s.get('baseline_best'))} "
-            f"| {_pm(s['bockd_best'])} |"
+            f"| {_pm(s['bockd_final'])} | {gain} | {rel} | {positive} | {_reading_cell(s)} "
+            f"| {_pm(s.get('baseline_best'))} | {_pm(s['bockd_best'])} |"
         )
     ens = summary["ensemble"]
     rows += [
@@ -189,6 +254,68 @@ def plot_accuracy_vs_params(summary: dict[str, Any], path: Path, title: str) -> 
     plt.close(fig)
 
 
+def train_runs(
+    configs: dict[int, dict[str, TrainConfig]],
+    data: ImageDataset,
+    folder: Callable[[int, str, TrainConfig], Path],
+    on_seed_done: Callable[[dict[int, dict[str, TrainResult]]], None] | None = None,
+    progress: tuple[int, int] = (0, 0),
+) -> dict[int, dict[str, TrainResult]]:
+    """Train (or resume, or just read back) every run, seed by seed; ``on_seed_done`` gets the seeds whose
+    runs are all finished so far. ``progress`` = (runs done before, runs in all) for the log lines."""
+    done, total = progress
+    total = total or sum(len(runs) for runs in configs.values())
+    results: dict[int, dict[str, TrainResult]] = {}
+    for seed, runs in configs.items():
+        per_seed: dict[str, TrainResult] = {}
+        for name, config in runs.items():
+            done += 1
+            log.info("run %d/%d: seed %d, %s (%d epochs)", done, total, seed, name, config.epochs)
+            per_seed[name] = Trainer(config, data, folder(seed, name, config)).fit()
+        results[seed] = per_seed
+        if on_seed_done is not None:
+            on_seed_done(results)
+    return results
+
+
+def write_results(out_dir: Path, summary: dict[str, Any]) -> None:
+    """results.json, results.md and accuracy_vs_params.png in ``out_dir``, each written atomically."""
+    write_json(out_dir / "results.json", summary)
+    atomic_write(
+        out_dir / "results.md", lambda tmp: tmp.write_text(markdown_table(summary, summary["title"]))
+    )
+    plot_accuracy_vs_params(summary, out_dir / "accuracy_vs_params.png", summary["title"])
+
+
+def full_summary(
+    results: dict[int, dict[str, TrainResult]],
+    data: ImageDataset,
+    configs: dict[int, dict[str, TrainConfig]],
+    preset: str,
+) -> dict[str, Any]:
+    """``summarize`` plus what the run was: dataset and its hash, arch, preset, epochs, config, title."""
+    first = next(iter(configs.values()))["ensemble"]
+    arch, num_students = first.model.arch, first.model.num_students
+    table = student_table(
+        arch, num_classes=data.num_classes, in_channels=data.in_channels, num_students=num_students
+    )
+    summary = summarize(results, table, test_images=len(data.test))
+    subset = f", {len(data.train):,} training images" if first.data.train_subset else ""
+    summary.update(
+        {
+            "dataset": data.name,
+            "dataset_sha256": data.sha256(),
+            "train_images": len(data.train),
+            "arch": arch,
+            "preset": preset,
+            "epochs": first.epochs,
+            "config": first.to_dict(),
+            "title": f"{arch} on {data.name}{subset}, preset {preset}, {first.epochs} epochs",
+        }
+    )
+    return summary
+
+
 def reproduce(
     dataset: str,
     arch: str,
@@ -200,8 +327,14 @@ def reproduce(
     num_students: int = 5,
     data_path: str | None = None,
     overrides: dict[str, Any] | None = None,
-    baselines: bool = True,
+    baselines: bool | Sequence[int] = True,
+    runs_dir: str | Path | None = None,
 ) -> dict[str, Any]:
+    """Train the ensemble and the chosen baselines for every seed, then write and return the summary.
+
+    ``runs_dir``: keep the runs there under identity-digest names (``run_folder``) instead of in
+    ``out_dir``, so several reproductions share the runs they have in common.
+    """
     out_dir = Path(out_dir)
     configs = reproduction_configs(
         dataset,
@@ -214,32 +347,13 @@ def reproduce(
         overrides=overrides,
         baselines=baselines,
     )
-    first = next(iter(configs.values()))["ensemble"]
-    data = load_training_data(first)
-    results: dict[int, dict[str, TrainResult]] = {}
-    for seed, runs in configs.items():
-        results[seed] = {}
-        for name, config in runs.items():
-            log.info("seed %d: %s (%d epochs)", seed, name, config.epochs)
-            results[seed][name] = Trainer(config, data, out_dir / f"seed-{seed}" / name).fit()
+    data = load_training_data(next(iter(configs.values()))["ensemble"])
+    shared = Path(runs_dir) if runs_dir is not None else None
 
-    table = student_table(
-        arch, num_classes=data.num_classes, in_channels=data.in_channels, num_students=num_students
+    def seed_done(partial: dict[int, dict[str, TrainResult]]) -> None:
+        write_results(out_dir, full_summary(partial, data, configs, preset))
+
+    results = train_runs(
+        configs, data, lambda seed, name, cfg: run_folder(out_dir, seed, name, cfg, shared), seed_done
     )
-    summary = summarize(results, table)
-    title = f"{arch} on {data.name}, preset {preset}, {first.epochs} epochs"
-    summary.update(
-        {
-            "dataset": data.name,
-            "dataset_sha256": data.sha256(),
-            "arch": arch,
-            "preset": preset,
-            "epochs": first.epochs,
-            "config": first.to_dict(),
-            "title": title,
-        }
-    )
-    write_json(out_dir / "results.json", summary)
-    atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(markdown_table(summary, title)))
-    plot_accuracy_vs_params(summary, out_dir / "accuracy_vs_params.png", title)
-    return summary
+    return full_summary(results, data, configs, preset)

@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 from bockd.pipeline.local import LocalRun
 
-from bockd.report import format_optional
+from bockd.report import format_gain, format_optional, noise_legend
 
 
 def summary_table(rows: list[dict[str, Any]], endpoints: list[dict[str, Any]]) -> str:
@@ -22,10 +22,11 @@ def summary_table(rows: list[dict[str, Any]], endpoints: list[dict[str, Any]]) -
         lines.append(
             f"| {r['student']}{' *' if r['selected'] else ''} | {r['params']:,} | {r['size_pct']:.2f} | "
             f"{r['top1']:.2f} | {format_optional(r['baseline_top1'], '.2f')} | "
-            f"{format_optional(r['gain'], '+.2f')} | "
+            f"{format_gain(r)} | "
             f"{version} | {urls.get(r['number'], '-')} |"
         )
-    return "\n".join(lines)
+    legend = noise_legend(rows)
+    return "\n".join(lines) + (f"\n{legend}" if legend else "")
 
 
 PROBE_IMAGES = 8  # the first test images, sent in one request: each answer shown, right or wrong
@@ -55,7 +56,8 @@ def predict_once(run: LocalRun, endpoints: list[dict[str, Any]], n: int = PROBE_
     return lines
 
 
-def print_local_summary(run: LocalRun, *, mlflow_uri: str, out: TextIO = sys.stdout) -> None:
+def print_local_summary(run: LocalRun, *, mlflow_uri: str, out: TextIO | None = None) -> None:
+    out = out if out is not None else sys.stdout  # looked up per call: tests and callers redirect stdout
     endpoints = run.endpoints()
     print("", file=out)
     for line in predict_once(run, endpoints):

@@ -50,12 +50,12 @@ ATOL = 1e-6
 OUTPUTS = {"checkpoint.pt", "model.safetensors", "model.json", "history.json", "summary.json"}
 
 
-def _overrides(**over: object) -> dict:
+def _overrides(runtime: dict | None = None, **over: object) -> dict:
     return {
         "model": {"arch": "resnet20", "num_students": 2},
         "epochs": EPOCHS,
         "batch_size": 64,
-        "runtime": {"progress": "log", "checkpoint_every": 1},
+        "runtime": {"progress": "log", "checkpoint_every": 1, **(runtime or {})},
         **over,
     }
 
@@ -69,7 +69,7 @@ class ReferenceTrainer(Trainer):
     """One process, the math of ``WORLD`` DDP ranks: per-slice BN, slice-weighted gradients, rank 0's
     BN buffers."""
 
-    def train_step(self, x, y, scale=1.0):
+    def train_step(self, x, y, scale=1.0, distill_scale=1.0):
         assert scale == 1.0
         n = y.shape[0]
         model = self.model
@@ -78,7 +78,7 @@ class ReferenceTrainer(Trainer):
         for r, (xc, yc) in enumerate(zip(x.tensor_split(WORLD), y.tensor_split(WORLD), strict=True)):
             out = model(xc)
             adapted = [model.adapt(i, out.features[i]) for i in range(1, model.num_students)]
-            loss = self.loss(out.logits, yc, out.features[0], adapted)
+            loss = self.loss(out.logits, yc, out.features[0], adapted, distill_scale)
             w = yc.shape[0] / n
             (loss.total * w).backward()
             parts.append((w, loss))
@@ -128,6 +128,7 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("marks", type=Path)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--baseline", action="store_true", help="train S2's baseline instead")
+    parser.add_argument("--runtime", default="{}", help="runtime overrides as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.marks.mkdir(parents=True, exist_ok=True)
@@ -137,12 +138,14 @@ def _worker(argv: list[str]) -> None:
     from bockd.engine import train
 
     over = {"mode": "baseline", "student": 1} if args.baseline else {}
-    config = build_config("smoke", _overrides(batch_size=args.batch_size, **over))
+    config = build_config("smoke", _overrides(json.loads(args.runtime), batch_size=args.batch_size, **over))
     train(config, args.workdir, callbacks=[_Recorder(args.marks)], dataset=_dataset())
 
 
 def _launch(workdir: Path, marks: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # The repository first, then whatever the caller had (the GPU check's wheel folder, for one).
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, path))}
     cmd = [
         sys.executable,
         "-m",
@@ -279,6 +282,30 @@ def test_batch_size_not_divisible_by_world_size_is_a_clear_error(tmp_path: Path)
     assert "batch_size (63)" in proc.stdout + proc.stderr
     assert "divisible by the world size (2)" in proc.stdout + proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sync_batchnorm_on_cpu_ranks_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _launch(tmp_path / "run", tmp_path / "marks", "--runtime", '{"sync_batchnorm": "on"}', check=False)
+    assert proc.returncode != 0
+    assert "runtime.sync_batchnorm: 'on' needs CUDA" in proc.stdout + proc.stderr
+
+
+CUDA_FP32 = {"device": "cuda", "amp": "off", "channels_last": "off"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} GPUs")
+def test_sync_batchnorm_makes_two_gpus_train_like_one_process(dataset, tmp_path: Path) -> None:
+    """With SyncBatchNorm the ranks normalize with the whole global batch's statistics, so 2 GPUs train
+    like one process on the whole batch (to summation order), where plain per-rank BN is a few % off."""
+    runtime = {**CUDA_FP32, "sync_batchnorm": "on"}
+    _launch(tmp_path / "run", tmp_path / "marks", "--runtime", json.dumps(runtime))
+    log = (tmp_path / "marks" / "log-rank0.txt").read_text()
+    assert "SyncBatchNorm: statistics over all 2 ranks" in log
+    plain = Trainer(build_config("smoke", _overrides(CUDA_FP32)), dataset, tmp_path / "one").fit().history
+    for a, b in zip(_history(tmp_path / "run"), plain, strict=True):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-3)
+        assert a["test/ensemble/top1"] == pytest.approx(b["test/ensemble/top1"], abs=1.0)
 
 
 def test_shards_partition_the_single_process_batches(dataset) -> None:

@@ -133,8 +133,10 @@ def test_reproduce_writes_every_run_and_the_results(reproduced) -> None:
     for row, entry in zip(rows, table, strict=True):
         assert row.startswith(f"| {entry['student']} | {entry['params']:,} | {entry['size_pct']:.2f} |")
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 9
-        assert all("±" in c for c in cells[3:6] + cells[7:])  # 2 seeds: mean ± std
+        assert len(cells) == 11
+        assert all("±" in c for c in cells[3:6] + cells[9:])  # 2 seeds: mean ± std
+        assert cells[7] in ("0/2", "1/2", "2/2")  # seeds with a positive gain
+        assert cells[8].startswith(("gain (±", "loss (±", "within noise (±"))
     assert sum(line.startswith("|---") for line in md.splitlines()) == 1
     assert sum(line.startswith("| student | params |") for line in md.splitlines()) == 1
 
@@ -272,12 +274,12 @@ def test_markdown_table_rows() -> None:
     lines = md.splitlines()
     assert lines[0] == "### hand-built"
     assert (
-        "| S1 | 1,000 | 100.00 | 88.00 ± 2.83 | 92.00 ± 2.83 | 4.00 ± 0.00 | +4.55 % | 88.00 ± 2.83 "
-        "| 92.00 ± 2.83 |" in lines
+        "| S1 | 1,000 | 100.00 | 88.00 ± 2.83 | 92.00 ± 2.83 | +4.00 ± 0.00 | +4.55 % | 2/2 | - "
+        "| 88.00 ± 2.83 | 92.00 ± 2.83 |" in lines
     )
     assert (
-        "| S2 | 250 | 25.00 | 63.50 ± 2.12 | 72.00 ± 2.83 | 8.50 ± 4.95 | +13.39 % | 65.50 ± 0.71 "
-        "| 79.50 ± 7.78 |" in lines
+        "| S2 | 250 | 25.00 | 63.50 ± 2.12 | 72.00 ± 2.83 | +8.50 ± 4.95 | +13.39 % | 2/2 | - "
+        "| 65.50 ± 0.71 | 79.50 ± 7.78 |" in lines
     )
     assert "Ensemble (mean of the students' logits): 93.00 ± 2.83 final, 93.00 ± 2.83 best." in lines
 
@@ -285,11 +287,67 @@ def test_markdown_table_rows() -> None:
 def test_markdown_table_one_seed_and_no_baselines() -> None:
     one_seed = {0: _handbuilt()[0]}
     lines = markdown_table(summarize(one_seed, TABLE), "one seed").splitlines()
-    assert "| S1 | 1,000 | 100.00 | 86.00 | 90.00 | 4.00 | +4.65 % | 86.00 | 90.00 |" in lines
-    assert "| S2 | 250 | 25.00 | 65.00 | 70.00 | 5.00 | +7.69 % | 65.00 | 85.00 |" in lines
-    assert not any("±" in line for line in lines)
+    assert "| S1 | 1,000 | 100.00 | 86.00 | 90.00 | +4.00 | +4.65 % | 1/1 | - | 86.00 | 90.00 |" in lines
+    assert "| S2 | 250 | 25.00 | 65.00 | 70.00 | +5.00 | +7.69 % | 1/1 | - | 65.00 | 85.00 |" in lines
+    assert not any("±" in line for line in lines if line.startswith("| S"))
 
     no_base = summarize(_handbuilt(baselines=False), TABLE)
     assert "gain_points" not in no_base["students"][0]
     lines = markdown_table(no_base, "no baselines").splitlines()
-    assert "| S1 | 1,000 | 100.00 | - | 92.00 ± 2.83 | - | - | - | 92.00 ± 2.83 |" in lines
+    assert "| S1 | 1,000 | 100.00 | - | 92.00 ± 2.83 | - | - | - | - | - | 92.00 ± 2.83 |" in lines
+
+
+# -- baselines to choose, shared runs, noise, results as they come ------------------------------------------
+
+
+def test_only_the_chosen_students_get_baselines() -> None:
+    configs = reproduction_configs(
+        "digits", "resnet20", "smoke", seeds=(0,), num_students=5, baselines=(0, 4)
+    )
+    assert set(configs[0]) == {"ensemble", "baseline-s1", "baseline-s5"}
+    with pytest.raises(ConfigError, match=r"baselines: students \[6\] do not exist \(expected 1\.\.5\)"):
+        reproduction_configs("digits", "resnet20", "smoke", num_students=5, baselines=(5,))
+
+
+def test_reproductions_sharing_a_runs_dir_train_a_common_baseline_once(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    kw = {**TINY, "seeds": (0,), "epochs": 1, "num_students": 2, "baselines": (1,), "runs_dir": runs}
+    quiet = {"runtime": {"progress": "off"}}
+    reproduce(out_dir=tmp_path / "paper", **kw, overrides=quiet)
+    first = _mtimes(runs)
+    summary = reproduce(out_dir=tmp_path / "ce1", **kw, overrides={**quiet, "loss": {"ce_weight": 1.0}})
+    folders = sorted(p.name.rsplit("-", 1)[0] for p in (runs / "seed-0").iterdir())
+    assert folders == ["baseline-s2", "ensemble", "ensemble"]  # one baseline serves both recipes
+    assert {k: v for k, v in _mtimes(runs).items() if k in first} == first
+    assert summary["students"][1]["baseline_final"]["values"] == [
+        json.loads(next((runs / "seed-0").glob("baseline-s2-*/summary.json")).read_text())["students"]["s2"][
+            "final_top1"
+        ]
+    ]
+    assert (tmp_path / "ce1" / "results.md").is_file() and not (tmp_path / "ce1" / "seed-0").exists()
+
+
+def test_results_are_written_after_every_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[list[int]] = []
+    real = bockd.reproduce.write_results
+
+    def spy(out_dir: Path, summary: dict) -> None:
+        written.append(summary["seeds"])
+        real(out_dir, summary)
+
+    monkeypatch.setattr(bockd.reproduce, "write_results", spy)
+    reproduce(out_dir=tmp_path, **TINY, **{**TINY_KW, "num_students": 2, "baselines": False})
+    assert written == [[0], [0, 1]]
+
+
+def test_gains_are_read_against_the_test_set_noise() -> None:
+    summary = summarize(_handbuilt(), TABLE, test_images=400)
+    s1, s2 = summary["students"]
+    # S1: baseline 88 %, BOC-KD 92 % on 400 images: 2 x sqrt(.88 .12 / 400 + .92 .08 / 400) = 4.23 points.
+    assert s1["noise_points"] == pytest.approx(2 * (0.88 * 0.12 / 400 + 0.92 * 0.08 / 400) ** 0.5 * 100)
+    assert s1["reading"] == "within noise" and s1["positive_seeds"] == 2
+    assert s2["reading"] == "gain"  # +8.5 points against a band of about ±6.4
+    assert summary["test_images"] == 400
+    lines = markdown_table(summary, "noise").splitlines()
+    assert any(line.startswith("| S1 |") and "| within noise (±4.23) |" in line for line in lines)
+    assert any("400 test images" in line for line in lines)

@@ -17,6 +17,8 @@ from bockd import steps
 from bockd.config import build_config
 from bockd.errors import ConfigError, DataError
 from bockd.export import export_student
+from bockd.report import format_gain, noise_legend
+from bockd.significance import gain_noise, reading
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,21 @@ def test_report_is_one_self_contained_html_file(flow: dict[str, Any], tmp_path: 
     assert by_student[2]["baseline_top1"] == 50.0
     assert by_student[2]["gain"] == pytest.approx(by_student[2]["top1"] - 50.0)
     assert by_student[1]["version"] == "7" and by_student[3]["version"] is None
+    # The gain is read against the test set's binomial noise, and the table says what the mark means.
+    n = int(evaluations[1]["num_test"])
+    assert by_student[2]["gain_noise"] == pytest.approx(gain_noise(50.0, by_student[2]["top1"], n))
+    assert by_student[2]["gain_reading"] == reading(by_student[2]["gain"], 50.0, by_student[2]["top1"], n)
+    assert "within test-set noise" in html
+
+
+def test_gains_within_noise_are_marked_in_every_table() -> None:
+    rows = [
+        {"gain": 0.56, "gain_reading": "within noise", "gain_noise": 3.2},
+        {"gain": -5.0, "gain_reading": "loss", "gain_noise": 3.0},
+        {"gain": None, "gain_reading": None, "gain_noise": None},
+    ]
+    assert [format_gain(r) for r in rows] == ["+0.56 ≈", "-5.00", "-"]
+    assert "±3.20 points" in noise_legend(rows) and noise_legend(rows[2:]) == ""
 
 
 def test_bad_step_inputs_are_named(flow: dict[str, Any], tmp_path: Path) -> None:

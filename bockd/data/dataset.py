@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from bockd.data._util import atomic_dir, existing_path, fsync_file
-from bockd.data.splits import stratified_split
+from bockd.data.splits import balanced_subset, stratified_split
 from bockd.errors import DataError
 
 META_FILE = "meta.json"
@@ -145,6 +145,18 @@ class ImageDataset:
             train=self.train.subset(keep),
             test=self.test,
             val=self.train.subset(held),
+        )
+
+    def with_train_subset(self, size: int, seed: int) -> ImageDataset:
+        """A copy whose train split is a seeded, class-balanced subset of ``size`` images
+        (``balanced_subset``); the test (and val) splits are kept whole."""
+        keep = balanced_subset(self.train.y, size, seed)
+        return ImageDataset(
+            name=self.name,
+            classes=list(self.classes),
+            train=self.train.subset(keep),
+            test=self.test,
+            val=self.val,
         )
 
     def sha256(self) -> str:

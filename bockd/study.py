@@ -1,0 +1,257 @@
+"""A recipe study: several training recipes, each reproduced against its own baselines, in one table.
+
+A study is data (YAML, read with ``safe_load``): the dataset, architecture, seeds and baselines shared by
+every recipe, settings common to all, and the recipes, each a preset plus overrides::
+
+    dataset: cifar10
+    data_path: ../shared/data/cifar10
+    arch: resnet20
+    seeds: [0, 1]
+    epochs: 30
+    baselines: [1, 5]          # 1-based students, or "all"
+    common: {data: {train_subset: 10000}, runtime: {eval_every: 5}}
+    recipes:
+      paper: {preset: paper-cifar10}
+      ce1-rampup: {preset: paper-cifar10, loss: {ce_weight: 1.0, rampup: 0.3}}
+
+Every run of every recipe is validated before anything trains. Runs go to ``<out>/runs`` under names
+that hold the digest of their training identity, so a baseline that several recipes share (same schedule
+and seed) is trained once, and an interrupted study resumes where it stopped (run the same command). Seeds
+come first (seed 0 of every recipe, then seed 1, ...), so a study cut short still compares the recipes
+on the same seeds. After every finished seed of a recipe the outputs are rewritten: ``<out>/<recipe>/``
+holds that recipe's ``bockd reproduce`` results, ``<out>/study.{json,md,png}`` the comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bockd.checkpoint import atomic_write, write_json
+from bockd.config import TrainConfig, format_validation_errors, merge_overrides
+from bockd.engine import TrainResult, load_training_data
+from bockd.errors import ConfigError
+from bockd.reproduce import full_summary, reproduction_configs, run_folder, train_runs, write_results
+from bockd.significance import NOISE_RULE
+
+log = logging.getLogger("bockd.study")
+
+STUDY_JSON, STUDY_MD, STUDY_PNG = "study.json", "study.md", "study.png"
+
+
+class StudySpec(BaseModel):
+    """A study file, validated (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str
+    data_path: str | None = None
+    arch: str = "resnet20"
+    num_students: int = Field(5, ge=2, le=64)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    epochs: int | None = Field(None, ge=1)
+    baselines: Literal["all"] | list[int] = "all"
+    common: dict[str, Any] = Field(default_factory=dict)
+    recipes: dict[str, dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("recipes")
+    @classmethod
+    def _recipe_names_and_presets(cls, recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, recipe in recipes.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name == "runs":
+                raise ValueError(
+                    f"recipe name {name!r}: expected letters, digits, '.', '_' or '-' (it names a folder), "
+                    "and not 'runs'"
+                )
+            if not isinstance(recipe.get("preset"), str):
+                raise ValueError(f"recipe {name!r}: expected a 'preset' (e.g. paper-cifar10)")
+        return recipes
+
+    def baseline_indices(self) -> bool | list[int]:
+        """0-based students with a baseline (True = every student)."""
+        return True if self.baselines == "all" else [k - 1 for k in self.baselines]
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study file; ConfigError naming the field at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study: file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"study: {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study: {path} must hold a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_errors(err).replace("invalid config", "invalid study")) from None
+
+
+def study_configs(spec: StudySpec) -> dict[str, dict[int, dict[str, TrainConfig]]]:
+    """Every run's validated config: recipe -> seed -> run name -> config. ConfigError names the recipe."""
+    plans: dict[str, dict[int, dict[str, TrainConfig]]] = {}
+    for name, recipe in spec.recipes.items():
+        overrides = merge_overrides(spec.common, {k: v for k, v in recipe.items() if k != "preset"})
+        try:
+            plans[name] = reproduction_configs(
+                spec.dataset,
+                spec.arch,
+                recipe["preset"],
+                seeds=spec.seeds,
+                epochs=spec.epochs,
+                num_students=spec.num_students,
+                data_path=spec.data_path,
+                overrides=overrides,
+                baselines=spec.baseline_indices(),
+            )
+        except ConfigError as err:
+            raise ConfigError(f"recipe {name!r}: {err}") from None
+    first = [next(iter(plan.values()))["ensemble"].data for plan in plans.values()]
+    if any(d != first[0] for d in first[1:]):
+        raise ConfigError("recipes: every recipe must train on the same data settings (data.*)")
+    return plans
+
+
+def comparison(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The study's table as data: per recipe, each student's gain (mean, std, seeds, reading)."""
+    rows = []
+    for name, summary in summaries.items():
+        students = {
+            s["student"]: {
+                k: s[k]
+                for k in ("gain_points", "positive_seeds", "noise_points", "reading", "bockd_final")
+                if k in s
+            }
+            for s in summary["students"]
+        }
+        rows.append(
+            {
+                "recipe": name,
+                "seeds": summary["seeds"],
+                "students": students,
+                "ensemble_final": summary["ensemble"]["final"],
+            }
+        )
+    return {"noise_rule": NOISE_RULE, "recipes": rows}
+
+
+def _gain_cell(cell: dict[str, Any], seeds: int) -> str:
+    if "gain_points" not in cell:
+        return f"{cell['bockd_final']['mean']:.2f} (no baseline)"
+    g = cell["gain_points"]
+    text = f"{g['mean']:+.2f}" + (f" ± {g['std']:.2f}" if seeds > 1 else "")
+    mark = {"gain": "", "loss": "", "within noise": " ≈"}.get(cell.get("reading", ""), "")
+    return f"{text} ({cell['positive_seeds']}/{seeds}){mark}"
+
+
+def comparison_markdown(table: dict[str, Any], title: str) -> str:
+    recipes = table["recipes"]
+    students = list(recipes[0]["students"])
+    lines = [
+        f"### {title}",
+        "",
+        "Gain in top-1 points over each student's own baseline at the final epoch: mean ± std over seeds "
+        f"(seeds with a positive gain); ≈ marks a mean gain within test-set noise ({table['noise_rule']}).",
+        "",
+        "| recipe | seeds | " + " | ".join(students) + " | ensemble top-1 |",
+        "|---|---:|" + "---:|" * len(students) + "---:|",
+    ]
+    for row in recipes:
+        n = len(row["seeds"])
+        cells = [_gain_cell(row["students"][s], n) for s in students]
+        ens = row["ensemble_final"]
+        ens_text = f"{ens['mean']:.2f}" + (f" ± {ens['std']:.2f}" if n > 1 else "")
+        lines.append(f"| {row['recipe']} | {n} | " + " | ".join(cells) + f" | {ens_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(table: dict[str, Any], path: Path, title: str) -> None:
+    """Grouped bars: each recipe's mean gain per student, std as error bars, the noise band in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = table["recipes"]
+    students = [s for s in recipes[0]["students"] if "gain_points" in recipes[0]["students"][s]]
+    if not students:
+        return
+    width = 0.8 / len(recipes)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(students), 4.2), dpi=120)
+    for k, s in enumerate(students):
+        noise = max(r["students"][s].get("noise_points", 0.0) for r in recipes)
+        ax.fill_between([k - 0.45, k + 0.45], -noise, noise, color="0.88", zorder=0)
+    for j, row in enumerate(recipes):
+        xs = [k - 0.4 + width * (j + 0.5) for k in range(len(students))]
+        gains = [row["students"][s]["gain_points"] for s in students]
+        ax.bar(
+            xs,
+            [g["mean"] for g in gains],
+            width,
+            yerr=[g["std"] for g in gains],
+            capsize=2,
+            label=row["recipe"],
+            zorder=2,
+        )
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(students)), students)
+    ax.set_ylabel("gain over own baseline (top-1 points)")
+    ax.set_title(title + "\ngrey: test-set noise band", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def run_study(spec: StudySpec, out_dir: str | Path) -> dict[str, Any]:
+    """Train every recipe's runs (seed by seed), writing each recipe's results and the comparison as they
+    finish; returns the comparison (``comparison``) with every recipe's full summary under ``summaries``."""
+    out_dir = Path(out_dir)
+    plans = study_configs(spec)
+    first_plan = next(iter(plans.values()))
+    data = load_training_data(next(iter(first_plan.values()))["ensemble"])
+    runs_dir = out_dir / "runs"
+    folders = {
+        run_folder(out_dir, seed, name, cfg, runs_dir)
+        for plan in plans.values()
+        for seed, runs in plan.items()
+        for name, cfg in runs.items()
+    }
+    total, done = len(folders), set()
+    summaries: dict[str, dict[str, Any]] = {}
+    title = f"{spec.arch} on {data.name}, {len(data.train):,} training images"
+
+    def write_comparison() -> dict[str, Any]:
+        table = comparison(summaries)
+        write_json(out_dir / STUDY_JSON, {**table, "title": title, "summaries": summaries})
+        md = comparison_markdown(table, title)
+        atomic_write(out_dir / STUDY_MD, lambda tmp: tmp.write_text(md))
+        plot_comparison(table, out_dir / STUDY_PNG, title)
+        return table
+
+    results: dict[str, dict[int, dict[str, TrainResult]]] = {name: {} for name in plans}
+    for seed in spec.seeds:
+        for name, plan in plans.items():
+            preset = spec.recipes[name]["preset"]
+
+            def folder(s: int, run: str, cfg: TrainConfig) -> Path:
+                path = run_folder(out_dir, s, run, cfg, runs_dir)
+                done.add(path)
+                return path
+
+            before = len(done)
+            one_seed = train_runs({seed: plan[seed]}, data, folder, progress=(before, total))
+            results[name][seed] = one_seed[seed]
+            summaries[name] = full_summary(results[name], data, plan, preset)
+            write_results(out_dir / name, summaries[name])
+            write_comparison()
+            log.info("study: recipe %s, seed %d done (%d/%d runs)", name, seed, len(done), total)
+    return {**write_comparison(), "title": title, "summaries": summaries}

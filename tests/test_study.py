@@ -1,0 +1,146 @@
+"""Recipe studies: the YAML is validated before anything trains, shared baselines are trained once, and
+the comparison table, JSON and plot come out after every seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import bockd.study
+from bockd.cli import main
+from bockd.errors import ConfigError
+from bockd.study import comparison, comparison_markdown, load_study, run_study, study_configs
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+QUIET = {"runtime": {"progress": "off"}}
+SPEC = {
+    "dataset": "digits",
+    "arch": "resnet20",
+    "num_students": 2,
+    "seeds": [0, 1],
+    "epochs": 1,
+    "baselines": [2],
+    "common": QUIET,
+    "recipes": {
+        "paper": {"preset": "smoke"},
+        "ce1": {"preset": "smoke", "loss": {"ce_weight": 1.0}},
+    },
+}
+
+
+def _write(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"recipes": {"a/b": {"preset": "smoke"}}}, "recipe name 'a/b'"),
+        ({"recipes": {"runs": {"preset": "smoke"}}}, "not 'runs'"),
+        ({"recipes": {"x": {"loss": {}}}}, "recipe 'x': expected a 'preset'"),
+        ({"recipes": {}}, "recipes"),
+        ({"seeds": []}, "seeds"),
+        ({"baselines": "some"}, "baselines"),
+    ],
+)
+def test_a_bad_study_file_names_the_field(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_study(_write(tmp_path, {**SPEC, **change}))
+
+
+def test_a_bad_recipe_is_refused_before_anything_trains(tmp_path: Path, monkeypatch) -> None:
+    spec = load_study(
+        _write(
+            tmp_path,
+            {**SPEC, "recipes": {**SPEC["recipes"], "fast": {"preset": "smoke", "optim": {"lr": -1}}}},
+        )
+    )
+
+    def forbidden(*args, **kw):
+        raise AssertionError("data loading or training started")
+
+    monkeypatch.setattr(bockd.study, "load_training_data", forbidden)
+    with pytest.raises(ConfigError, match=r"(?s)recipe 'fast': .*optim\.lr"):
+        run_study(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipes_must_share_the_data_settings(tmp_path: Path) -> None:
+    recipes = {"a": {"preset": "smoke"}, "b": {"preset": "smoke", "data": {"train_subset": 500}}}
+    with pytest.raises(ConfigError, match="same data settings"):
+        study_configs(load_study(_write(tmp_path, {**SPEC, "recipes": recipes})))
+
+
+def test_missing_study_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_study(tmp_path / "nope.yaml")
+
+
+def test_a_tiny_study_trains_shared_baselines_once_and_compares_the_recipes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    table = run_study(load_study(_write(tmp_path, SPEC)), out)
+
+    for seed in (0, 1):  # two ensembles, and the S2 baseline both recipes share (one schedule)
+        names = sorted(p.name.rsplit("-", 1)[0] for p in (out / "runs" / f"seed-{seed}").iterdir())
+        assert names == ["baseline-s2", "ensemble", "ensemble"]
+    assert [row["recipe"] for row in table["recipes"]] == ["paper", "ce1"]
+    for row in table["recipes"]:
+        assert row["seeds"] == [0, 1]
+        assert "gain_points" not in row["students"]["S1"]  # no S1 baseline asked for
+        s2 = row["students"]["S2"]
+        assert len(s2["gain_points"]["values"]) == 2 and s2["reading"] in ("gain", "loss", "within noise")
+        per_recipe = json.loads((out / row["recipe"] / "results.json").read_text())
+        assert per_recipe["students"][1]["gain_points"] == s2["gain_points"]
+    # The two recipes' S2 gains are paired with the very same baseline runs.
+    paper, ce1 = (json.loads((out / r / "results.json").read_text())["students"][1] for r in ("paper", "ce1"))
+    assert paper["baseline_final"] == ce1["baseline_final"]
+
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["recipes"] == json.loads(json.dumps(table["recipes"]))
+    md = (out / "study.md").read_text()
+    assert md == comparison_markdown(comparison(table["summaries"]), table["title"])
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    run_study(load_study(_write(tmp_path, SPEC)), out)  # finished: nothing is trained again
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == before
+
+
+def _summary(gains: list[float], reading: str) -> dict:
+    mean = sum(gains) / len(gains)
+    return {
+        "seeds": list(range(len(gains))),
+        "students": [
+            {
+                "student": "S1",
+                "bockd_final": {"mean": 90.0, "std": 0.0, "values": [90.0] * len(gains)},
+                "gain_points": {"mean": mean, "std": 0.5, "values": gains},
+                "positive_seeds": sum(g > 0 for g in gains),
+                "noise_points": 0.8,
+                "reading": reading,
+            }
+        ],
+        "ensemble": {"final": {"mean": 91.0, "std": 0.25, "values": [91.0] * len(gains)}},
+    }
+
+
+def test_comparison_markdown_marks_gains_within_noise() -> None:
+    md = comparison_markdown(
+        comparison({"paper": _summary([0.2, 0.4], "within noise"), "new": _summary([1.5, 1.1], "gain")}), "t"
+    )
+    lines = md.splitlines()
+    assert "| recipe | seeds | S1 | ensemble top-1 |" in lines
+    assert "| paper | 2 | +0.30 ± 0.50 (2/2) ≈ | 91.00 ± 0.25 |" in lines
+    assert "| new | 2 | +1.30 ± 0.50 (2/2) | 91.00 ± 0.25 |" in lines
+
+
+def test_cli_study_reports_a_bad_file_without_a_traceback(tmp_path: Path, capsys) -> None:
+    assert main(["study", str(_write(tmp_path, {**SPEC, "bogus": 1})), "--out", str(tmp_path / "o")]) == 2
+    assert "bogus: unknown key" in capsys.readouterr().err
