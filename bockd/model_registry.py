@@ -19,6 +19,7 @@ import mlflow.onnx
 import numpy as np
 import onnx
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
@@ -99,6 +100,33 @@ def register_student(
     return RegisteredStudent(name, str(mv.version), source, run_id, created=True)
 
 
+def _is_not_found(err: MlflowException, alias: str) -> bool:
+    """True only for "this model or alias does not exist": the one answer that means "no champion".
+
+    MLflow answers an unknown registered model with RESOURCE_DOES_NOT_EXIST and an unset alias with
+    INVALID_PARAMETER_VALUE "Registered model alias <alias> not found." (mlflow/store/model_registry/
+    sqlalchemy_store.py and file_store.py, mlflow 3.17). Anything else (503, timeouts, auth) is an error.
+    """
+    if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return err.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in err.message
+
+
+def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
+    """``name@champion``, or None when the model or the alias does not exist.
+
+    Every other failure (a registry answering 503, a timeout, a refused login) propagates: reading it as
+    "no champion" would promote a worse model over the real champion. The caller's step then fails and
+    KFP retries it.
+    """
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if _is_not_found(err, CHAMPION):
+            return None
+        raise
+
+
 def promote_champion(
     client: MlflowClient, name: str, version: str, *, top1: float, test_set: str, run_id: str
 ) -> tuple[bool, str]:
@@ -108,10 +136,7 @@ def promote_champion(
     comparable, so a champion scored elsewhere is never replaced automatically. Every move is recorded
     as a version tag with the time and the run that made it.
     """
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
+    current = champion_version(client, name)
     if current is not None:
         if str(current.version) == str(version):
             return False, f"version {version} is already {CHAMPION}"

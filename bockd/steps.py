@@ -17,12 +17,13 @@ from typing import Any
 
 from bockd.checkpoint import write_json
 from bockd.config import TrainConfig, build_config
-from bockd.data import ImageDataset, load_dataset
-from bockd.engine import CHECKPOINT, HISTORY, MODEL_CONFIG, SUMMARY, WEIGHTS, train
+from bockd.data import ImageDataset
+from bockd.engine import CHECKPOINT, HISTORY, MODEL_CONFIG, SUMMARY, WEIGHTS, load_training_data, train
 from bockd.errors import ConfigError, DataError
 from bockd.evaluate import confusion_matrix_png, evaluate_student
 from bockd.export import export_student, read_student_config
 from bockd.selection import Candidate, Policy, Selection, select
+from bockd.significance import gain_noise, reading
 from bockd.storage import S3Uri, client, is_s3_uri
 
 log = logging.getLogger("bockd.steps")
@@ -49,20 +50,18 @@ def prepare_data(raw_config: dict[str, Any], out_dir: str | Path) -> dict[str, A
     """Load ``config.data`` (a local path, an official archive, or an ``s3://`` prefix) into ``out_dir``.
 
     The folder holds uint8 arrays per split and meta.json (classes, counts, mean/std, sha256); the
-    seeded validation split, if asked for, is carved out here so every later step sees the same one.
+    seeded training subset and validation split, if asked for, are drawn here so every later step sees
+    the same ones.
     """
-    data = train_config(raw_config).data
+    config = train_config(raw_config)
+    data = config.data
     with tempfile.TemporaryDirectory() as tmp:
         source: str | None = data.path
         if is_s3_uri(source):
             from bockd.storage import download_prefix
 
             source = str(download_prefix(source, Path(tmp) / "source"))
-        dataset = load_dataset(
-            data.dataset, source, download=data.download, image_size=data.image_size, seed=data.split_seed
-        )
-    if data.val_fraction > 0:
-        dataset = dataset.with_validation_split(data.val_fraction, data.split_seed)
+        dataset = load_training_data(config, source)
     dataset.save(out_dir)
     return dataset.meta()
 
@@ -259,7 +258,14 @@ def register(
         k = int(ev["student_number"])
         tags = {"top1": f"{ev['top1']:.4f}", "top5": f"{ev['top5']:.4f}", "test_set": ev["test_set"]}
         if k in base:
-            tags |= {"baseline_top1": f"{base[k]:.4f}", "gain": f"{ev['top1'] - base[k]:+.4f}"}
+            gain, n = ev["top1"] - base[k], int(ev["num_test"])
+            tags |= {
+                "baseline_top1": f"{base[k]:.4f}",
+                "gain": f"{gain:+.4f}",
+                # Read by anyone comparing versions: one seed's gain within the test set's noise is no gain.
+                "gain_reading": reading(gain, base[k], ev["top1"], n),
+                "gain_noise_points": f"{gain_noise(base[k], ev['top1'], n):.4f}",
+            }
         reg = register_student(
             mlflow,
             run_id,
@@ -279,16 +285,12 @@ def register(
 
 # -- select -----------------------------------------------------------------------------------------
 def _champion_top1(mlflow: Any, name: str, test_set: str) -> float | None:
-    """The top-1 of ``name@champion`` if it was scored on the same test set, else None."""
-    from mlflow.exceptions import MlflowException
+    """The top-1 of ``name@champion`` if it was scored on the same test set, else None (also when there
+    is no champion). A registry that fails to answer raises: the step fails and KFP retries it."""
+    from bockd.model_registry import champion_version
 
-    from bockd.model_registry import CHAMPION
-
-    try:
-        current = mlflow.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-    if current.tags.get("test_set") != test_set or "top1" not in current.tags:
+    current = champion_version(mlflow, name)
+    if current is None or current.tags.get("test_set") != test_set or "top1" not in current.tags:
         return None
     return float(current.tags["top1"])
 

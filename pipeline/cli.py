@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,15 +142,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         local_serving_dir=str(state / "serving"),
         checkpoint_uri=args.checkpoint_uri or "s3://bockd/checkpoints",
     )
+    _check_local_data(params.train_config)  # before anything starts; S3 buckets once the store is up
     from bockd.services import up
 
     info = up(state)
     os.environ.update(info.env())  # the bucket check and the prediction below talk to the local stack
     params = params.model_copy(update={"mlflow_tracking_uri": info.mlflow_uri})
     params.check_buckets()
-    run = run_local(params, state)
-    print_local_summary(run, mlflow_uri=info.mlflow_uri)
+    # sys.stdout as it is now: a default bound at import could be a stream that is closed by now.
+    run = run_local(params, state, out=sys.stdout)
+    print_local_summary(run, mlflow_uri=info.mlflow_uri, out=sys.stdout)
     return 0
+
+
+def _check_local_data(train_config: dict[str, Any]) -> None:
+    """A local run's tasks read ``data.path`` on this machine: fail now, with the data reader's own
+    message, if it cannot hold the dataset (missing path, files or layout), not 40 s into prepare-data."""
+    from bockd.data import check_source
+    from bockd.storage import is_s3_uri
+
+    data = train_config["data"]
+    if not is_s3_uri(data.get("path")):
+        check_source(data["dataset"], data.get("path"), download=bool(data.get("download")))
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -271,7 +285,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
-    from bockd.pipeline.settings import DEFAULT_TRAINER_IMAGE, GpuNode
+    from bockd.pipeline.settings import DEFAULT_S3_ENDPOINT, DEFAULT_TRAINER_IMAGE, GpuNode
 
     gpu = GpuNode()
     g = p.add_argument_group("cluster settings (compiled into the pipeline)")
@@ -287,7 +301,11 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
         "--s3-secret", default="bockd-s3", help="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
     )
     g.add_argument("--mlflow-secret", default="bockd-mlflow", help="optional Secret with MLFLOW_TRACKING_*")
-    g.add_argument("--s3-endpoint", default="http://minio-service.kubeflow:9000")
+    g.add_argument(
+        "--s3-endpoint",
+        default=DEFAULT_S3_ENDPOINT,
+        help="the tasks' S3 endpoint (default: Kubeflow's SeaweedFS; MinIO: http://minio-service.kubeflow:9000)",
+    )
     g.add_argument("--retries", type=int, default=3, help="retries of register, select, deploy")
     g.add_argument(
         "--num-nodes", type=int, default=1, help="training nodes; >1 (or --gpus >1) trains through a TrainJob"

@@ -15,7 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,6 +26,8 @@ from bockd.pipeline.parameters import RunParameters
 from bockd.errors import BockdError
 
 _TASK_LINE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")  # matched once ANSI codes are gone
+_TASK_START = re.compile(r"Executing task '[\w-]+'")
+_TRACEBACK = "Traceback (most recent call last):"
 _EPOCH_LINE = re.compile(r"\[(ensemble|baseline)\] (epoch (\d+)/(\d+) .*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -67,13 +70,58 @@ def _worker(request_path: str) -> int:
     return 0
 
 
+@dataclass
+class _TaskOutput:
+    """The running task's latest output lines (ANSI codes removed), to report its own error if it fails."""
+
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=400))
+    failure: tuple[str, str] | None = None  # (task, its error message)
+
+    def feed(self, plain: str) -> None:
+        if _TASK_START.search(plain):
+            self.lines = deque(maxlen=400)
+        else:
+            self.lines.append(plain)
+
+    def failed(self, task: str) -> None:
+        if self.failure is None:  # the first failure is the cause; later ones follow from it
+            self.failure = (task, exception_message(list(self.lines)) or "no error message (see the log)")
+
+
+def exception_message(lines: list[str]) -> str | None:
+    """The message of the last Python traceback in ``lines`` (``bockd.errors.DataError: text`` -> text;
+    other exceptions keep their class name), without the traceback itself."""
+    starts = [i for i, line in enumerate(lines) if line.strip() == _TRACEBACK]
+    if not starts:
+        return None
+    indent = _indent(lines[starts[-1]])
+    message = []
+    for line in lines[starts[-1] + 1 :]:
+        if line.strip() and _indent(line) < indent:
+            break  # kfp indents a task's output: a line left of it is the runner's again
+        if line.strip() and _indent(line) == indent:  # deeper lines are the frames
+            message.append(line.strip())
+    kind, sep, text = "\n".join(message).partition(": ")
+    if not kind:
+        return None
+    if not sep:
+        return kind
+    return text if kind.startswith("bockd.") else f"{kind.rsplit('.', 1)[-1]}: {text}"
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
 def _shown(epoch: int, total: int) -> bool:
     """About ten epoch lines per training on the terminal; the log file has every one."""
     return epoch == 1 or epoch == total or epoch % max(1, total // 10) == 0
 
 
-def _follow(proc: subprocess.Popen[bytes], log: Path, out: TextIO) -> None:
-    """Print task and epoch lines from the worker's log until it exits."""
+def _follow(proc: subprocess.Popen[bytes], log: Path, out: TextIO) -> tuple[str, str] | None:
+    """Print task and epoch lines from the worker's log until it exits; returns the first failed task and
+    its error message, if any."""
+    task = _TaskOutput()
     with open(log, encoding="utf-8", errors="replace") as f:
         while True:
             line = f.readline()
@@ -83,14 +131,28 @@ def _follow(proc: subprocess.Popen[bytes], log: Path, out: TextIO) -> None:
                 time.sleep(0.2)
                 continue
             plain = _ANSI.sub("", line.rstrip())
+            task.feed(plain)
             if m := _TASK_LINE.search(plain):
                 print(f"  task {m.group(1):<16} {m.group(2).lower()}", file=out, flush=True)
+                if m.group(2) == "FAILURE":
+                    task.failed(m.group(1))
             elif (m := _EPOCH_LINE.search(plain)) and _shown(int(m.group(3)), int(m.group(4))):
                 print(f"    {m.group(1):<8} {m.group(2)}", file=out, flush=True)
+    return task.failure
 
 
-def run_local(params: RunParameters, state_dir: Path, out: TextIO = sys.stdout) -> LocalRun:
+def failure_message(failure: tuple[str, str] | None, log: Path, returncode: int | None) -> str:
+    """What a failed run tells the user: the failed task's own error (or the worker's) and the log."""
+    if failure is not None:
+        return f"task {failure[0]} failed: {failure[1]}\nfull log: {log}"
+    lines = [_ANSI.sub("", line) for line in log.read_text(errors="replace").splitlines()]
+    error = exception_message(lines) or f"exit status {returncode}"
+    return f"the local pipeline run failed: {error}\nfull log: {log}"
+
+
+def run_local(params: RunParameters, state_dir: Path, out: TextIO | None = None) -> LocalRun:
     """Services up, then the whole pipeline on this machine; returns where its outputs are."""
+    out = out or sys.stdout  # looked up now: a default bound at import may be a closed capture by now
     from bockd.services import up
 
     info = up(state_dir)
@@ -115,14 +177,13 @@ def run_local(params: RunParameters, state_dir: Path, out: TextIO = sys.stdout) 
             env=env,
         )
         try:
-            _follow(proc, log, out)
+            failure = _follow(proc, log, out)
         finally:
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(30)
     if proc.returncode != 0 or not (run_dir / "result.json").exists():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise LocalRunError(f"the local pipeline run failed (exit {proc.returncode}); log: {log}\n{tail}")
+        raise LocalRunError(failure_message(failure, log, proc.returncode))
     outputs = json.loads((run_dir / "result.json").read_text())
     # KFP names the artifact file after the output ("report"); a copy with a suffix opens in a browser.
     report = run_dir / "report.html"

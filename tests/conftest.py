@@ -1,4 +1,5 @@
-"""Shared fixtures: the digits dataset and two tiny finished runs, trained once per test session.
+"""Shared fixtures: the digits dataset and two tiny finished runs, trained once per test session; the
+embedded S3 + MLflow servers, started once per test process; under ``pytest -n N`` whole modules per worker.
 
 The run folders are shared by every test that asks for them: treat them as read-only (copy one with
 ``shutil.copytree`` before changing it).
@@ -6,6 +7,8 @@ The run folders are shared by every test that asks for them: treat them as read-
 Torch runs every test on one thread: on a 2-core machine, two spinning OpenMP threads per process next
 to another busy process can make a one-second run take minutes. The suite runs in parallel processes
 (``pytest -n 2``) instead, which keeps both cores busy without oversubscribing them.
+``BOCKD_TEST_THREADS=N`` runs them on N threads instead, to check that no tolerance depends on it (the
+bit-exact DDP comparison of test_distributed.py needs 1, the thread count of its ranks).
 """
 
 from __future__ import annotations
@@ -44,9 +47,12 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+TEST_THREADS = int(os.environ.get("BOCKD_TEST_THREADS", "1"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def single_thread() -> Iterator[None]:
-    with _torch_threads(1):
+    with _torch_threads(TEST_THREADS):
         yield
 
 
@@ -59,7 +65,7 @@ def digits() -> ImageDataset:
 def ensemble_run(digits: ImageDataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-epoch BOC-KD run: resnet20, 3 students, digits."""
     workdir = tmp_path_factory.mktemp("runs") / "ensemble"
-    with _torch_threads(1):
+    with _torch_threads(TEST_THREADS):
         Trainer(build_config("smoke", TINY), digits, workdir).fit()
     return workdir
 
@@ -69,22 +75,52 @@ def baseline_run(digits: ImageDataset, tmp_path_factory: pytest.TempPathFactory)
     """A finished 1-epoch baseline run of S2 (cross-entropy only), same schedule as ``ensemble_run``."""
     workdir = tmp_path_factory.mktemp("runs") / "baseline-s2"
     config = build_config("smoke", {**TINY, "mode": "baseline", "student": BASELINE_STUDENT})
-    with _torch_threads(1):
+    with _torch_threads(TEST_THREADS):
         Trainer(config, digits, workdir).fit()
     return workdir
 
 
-@pytest.fixture(scope="module")
-def mlflow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicesInfo]:
-    """The embedded S3 + MLflow servers for one test module, with their client variables in os.environ
-    (the MLflow client reads the S3 credentials from there); stopped and the environment restored after."""
+@pytest.fixture(scope="session")
+def services_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicesInfo]:
+    """The embedded S3 + MLflow servers, started once per test process (each xdist worker) on first use
+    and stopped at its end. Modules share them, so each names its own experiments, models and keys."""
     state = tmp_path_factory.mktemp("services")
+    try:
+        yield up(state, timeout=90)
+    finally:
+        down(state)
+
+
+@pytest.fixture(scope="module")
+def mlflow_stack(services_session: ServicesInfo) -> Iterator[ServicesInfo]:
+    """The shared servers with their client variables in os.environ for one module (the MLflow client
+    reads the S3 credentials from there); the environment is restored after the module."""
     saved = dict(os.environ)
     try:
-        info = up(state, timeout=90)
-        os.environ.update(info.env())
-        yield info
+        os.environ.update(services_session.env())
+        yield services_session
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        down(state)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules holding a `slow` test run first (the order is otherwise kept): under `-n 2` the longest
+    ones then start at once instead of finishing the run alone."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`pytest -n N` (xdist's default `--dist load`) sends whole modules to a worker, in the order above.
+
+    Module-scoped fixtures (the pipeline run, the 2-rank runs, model servers) then run once, not once per
+    worker that got a share of the module. Any other `--dist` is left as asked.
+    """
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # keep the slow-first order instead of most-tests-first
+    return LoadFileScheduling(config, log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,8 @@ def test_train_then_export_a_student(tmp_path: Path, capsys) -> None:
             "model.num_students=3",
             "--set",
             "batch_size=128",
+            "--set",
+            "data.train_subset=128",  # one batch: what is checked is the command, not the learning
             "--progress",
             "off",
             "--workdir",
@@ -236,3 +239,103 @@ def test_services_up_refuses_a_taken_port_before_starting_anything(tmp_path: Pat
     assert rc == 2
     assert str(port) in capsys.readouterr().err
     assert not (tmp_path / "state" / "services.json").exists()
+
+
+# -- pipeline run --local: checks before anything starts ----------------------------------------------------
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting the services or the pipeline fails the test: the pre-flight must refuse first."""
+    import bockd.pipeline.local
+
+    import bockd.services
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the services or the pipeline started")
+
+    monkeypatch.setattr(bockd.services, "up", forbidden)
+    monkeypatch.setattr(bockd.pipeline.local, "run_local", forbidden)
+
+
+def _files(folder: Path, *names: str) -> Path:
+    """Empty files: the pre-flight looks for them and reads none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).touch()
+    return folder
+
+
+CIFAR_BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+FASHION_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "make", "message"),
+    [
+        ("cifar10", lambda d: d / "nonexistent", r"cifar10 path '.*nonexistent' does not exist"),
+        ("cifar10", lambda d: _files(d), r"holds none of: cifar-10-python\.tar\.gz"),
+        ("cifar10", lambda d: _files(d, "data_batch_1", "test_batch"), r"data_batch_2' is missing"),
+        ("cifar100", lambda d: _files(d, "cifar100_train.npz"), r"cifar100_test\.npz' is missing"),
+        (
+            "fashion-mnist",
+            lambda d: _files(d, *FASHION_FILES[:3]),
+            r"t10k-labels-idx1-ubyte'\[\.gz\] is missing",
+        ),
+        ("imagefolder", lambda d: _files(d, "train/cat/0.png"), r"found train/ but neither test/ nor val/"),
+        ("imagefolder", lambda d: _files(d, "cat/notes.txt"), r"no images with extensions"),
+        ("digits", lambda d: d, r"digits ships with scikit-learn and takes no path"),
+    ],
+)
+def test_local_run_checks_the_data_source_before_anything_starts(
+    dataset: str, make, message: str, tmp_path: Path, capsys, nothing_starts
+) -> None:
+    source = make(tmp_path / "data")
+    state = tmp_path / "state"
+    rc = main(
+        [
+            "pipeline",
+            "run",
+            "--local",
+            "--state-dir",
+            str(state),
+            "--dataset",
+            dataset,
+            "--data-path",
+            str(source),
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not state.exists()  # no service, no run folder
+
+
+@pytest.mark.parametrize(
+    ("dataset", "names"),
+    [("cifar10", CIFAR_BATCHES), ("fashion-mnist", FASHION_FILES), ("imagefolder", ("a/0.png", "b/1.png"))],
+)
+def test_local_run_preflight_accepts_a_complete_source(
+    dataset: str, names: tuple[str, ...], tmp_path: Path, nothing_starts
+) -> None:
+    source = _files(tmp_path / "data", *names)
+    with pytest.raises(AssertionError, match="started"):  # got as far as starting the services
+        main(
+            [
+                "pipeline",
+                "run",
+                "--local",
+                "--state-dir",
+                str(tmp_path / "s"),
+                "--dataset",
+                dataset,
+                "--data-path",
+                str(source),
+            ]
+        )

@@ -33,6 +33,12 @@ def digits():
     return load_dataset("digits", seed=0)
 
 
+@pytest.fixture(scope="module")
+def few(digits):
+    """128 training digits (2 batches an epoch): for what holds at any size (keys, callbacks, resume)."""
+    return digits.with_train_subset(128, seed=0)
+
+
 def _config(**over):
     merged = {**TINY, **over}
     return build_config("smoke", merged)
@@ -62,10 +68,10 @@ def test_ensemble_run_learns_and_reports_every_student(digits, tmp_path: Path) -
     assert set(summary["students"]) == {"s1", "s2", "s3", "ensemble"}
 
 
-def test_baseline_starts_from_the_ensemble_branch_weights(digits, tmp_path: Path) -> None:
+def test_baseline_starts_from_the_ensemble_branch_weights(few, tmp_path: Path) -> None:
     """Same seed, same init: the baseline of S2 begins exactly where the ensemble's S2 begins."""
-    ens = Trainer(_config(), digits, tmp_path / "e")
-    base = Trainer(_config(mode="baseline", student=1), digits, tmp_path / "b")
+    ens = Trainer(_config(), few, tmp_path / "e")
+    base = Trainer(_config(mode="baseline", student=1), few, tmp_path / "b")
     ens_student = ens.model.extract_student(1).state_dict()
     for name, value in base.model.state_dict().items():
         assert torch.equal(value, ens_student[name]), name
@@ -75,7 +81,7 @@ def test_baseline_starts_from_the_ensemble_branch_weights(digits, tmp_path: Path
 
 
 def test_validation_split_is_evaluated(tmp_path: Path) -> None:
-    config = _config(epochs=1, data={"dataset": "digits", "val_fraction": 0.2})
+    config = _config(epochs=1, data={"dataset": "digits", "val_fraction": 0.2, "train_subset": 160})
     dataset = load_training_data(config)
     assert dataset.val is not None
     result = Trainer(config, dataset, tmp_path).fit()
@@ -96,22 +102,22 @@ def test_cpu_training_widens_the_onednn_kernel_cache_unless_set(digits, tmp_path
     assert os.environ[ONEDNN_CACHE_VAR] == "2048"
 
 
-def test_finished_run_is_not_trained_again(digits, tmp_path: Path) -> None:
-    first = Trainer(_config(epochs=1), digits, tmp_path).fit()
+def test_finished_run_is_not_trained_again(few, tmp_path: Path) -> None:
+    first = Trainer(_config(epochs=1), few, tmp_path).fit()
     before = load_file(str(tmp_path / "model.safetensors"))
-    second = Trainer(_config(epochs=1), digits, tmp_path).fit()
+    second = Trainer(_config(epochs=1), few, tmp_path).fit()
     assert second.history == first.history
     after = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_resume_refuses_a_checkpoint_from_another_config(digits, tmp_path: Path) -> None:
-    Trainer(_config(epochs=1), digits, tmp_path).fit()
+def test_resume_refuses_a_checkpoint_from_another_config(few, tmp_path: Path) -> None:
+    Trainer(_config(epochs=1), few, tmp_path).fit()
     with pytest.raises(CheckpointError, match="different config"):
-        Trainer(_config(epochs=1, optim={"lr": 0.01}), digits, tmp_path).fit()
+        Trainer(_config(epochs=1, optim={"lr": 0.01}), few, tmp_path).fit()
 
 
-def test_callbacks_see_every_epoch(digits, tmp_path: Path) -> None:
+def test_callbacks_see_every_epoch(few, tmp_path: Path) -> None:
     seen: list[str] = []
 
     class Recorder:
@@ -124,13 +130,13 @@ def test_callbacks_see_every_epoch(digits, tmp_path: Path) -> None:
         def on_train_end(self, trainer, result):
             seen.append("end")
 
-    Trainer(_config(), digits, tmp_path, callbacks=[Recorder()]).fit()
+    Trainer(_config(), few, tmp_path, callbacks=[Recorder()]).fit()
     assert seen == ["start", "epoch1", "epoch2", "end"]
 
 
-def test_log_mode_writes_one_line_per_epoch(digits, tmp_path: Path, caplog) -> None:
+def test_log_mode_writes_one_line_per_epoch(few, tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="bockd.train")
-    Trainer(_config(runtime={"progress": "log"}), digits, tmp_path).fit()
+    Trainer(_config(runtime={"progress": "log"}), few, tmp_path).fit()
     lines = [r.getMessage() for r in caplog.records if r.name == "bockd.train" and "epoch" in r.getMessage()]
     assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
     assert all("test top-1 s1=" in line and "ens=" in line for line in lines)

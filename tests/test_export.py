@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from numerics import assert_close_at_scale, reduction_length
 from safetensors.torch import load_file
 
 from bockd.data import ImageDataset
@@ -159,11 +160,17 @@ def test_onnx_runtime_matches_pytorch_with_a_dynamic_batch(export_case, digits: 
     assert not isinstance(inp.shape[0], int)  # symbolic: any batch size
     x = _normalize(digits.test.x[10 : 10 + batch], config)
     (onnx_logits,) = session.run(None, {inp.name: x})
+    student = load_student(folder)
     with torch.no_grad():
-        torch_logits = load_student(folder)(torch.from_numpy(x)).numpy()
+        torch_logits = student(torch.from_numpy(x)).numpy()
     assert onnx_logits.shape == torch_logits.shape == (batch, 10)
-    assert np.abs(onnx_logits - torch_logits).max() < 1e-4
-    assert np.array_equal(onnx_logits.argmax(1), torch_logits.argmax(1))
+    # Two runtimes, two sets of kernels (each picked by the CPU's instruction set): the same function up
+    # to float32 rounding along the network, relative to the logits' magnitude.
+    tol = assert_close_at_scale(onnx_logits, torch_logits, terms=reduction_length(student))
+    # The predicted class agrees wherever rounding cannot swap the top two (all rows, in practice).
+    top2 = np.sort(torch_logits, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * tol
+    assert np.array_equal(onnx_logits.argmax(1)[clear], torch_logits.argmax(1)[clear])
 
 
 # -- errors -------------------------------------------------------------------------------------------------

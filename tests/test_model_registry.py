@@ -74,3 +74,99 @@ def test_champion_moves_only_on_a_strictly_better_score_on_the_same_test_set(
     assert client.get_model_version_by_alias(name, CHAMPION).version == "4"
     record = client.get_model_version(name, "4").tags[f"alias.{CHAMPION}.set"]
     assert versions[3][1] in record
+
+
+class _FlakyRegistry:
+    """A reverse proxy in front of the real MLflow server that answers the @champion lookup
+    (GET /api/2.0/mlflow/registered-models/alias) with 503 while ``failing`` is set: a registry that is
+    restarting or overloaded. Everything else goes through to the real server unchanged."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.failing = False
+        target = urlsplit(upstream)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.failing and self.path.startswith("/api/2.0/mlflow/registered-models/alias"):
+                    data = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "upstream busy"}'
+                    self.send_response(503)
+                else:
+                    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                    conn.request(self.command, self.path, body or None, headers)
+                    reply = conn.getresponse()
+                    data = reply.read()
+                    self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_registry_that_fails_to_answer_is_never_read_as_no_champion(
+    mlflow_stack: ServicesInfo, exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 503 on the champion lookup must fail the promotion (KFP retries the step), never move
+    @champion to a worse model (the case in ../shared/cases/registry-transient-error)."""
+    from mlflow.exceptions import MlflowException
+
+    from bockd.steps import select_students
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast instead of MLflow's back-off
+    flaky = _FlakyRegistry(mlflow_stack.mlflow_uri)
+    client = MlflowClient(flaky.uri)
+    runs = [_run(client, f"flaky-{i}") for i in range(2)]
+    versions = [register_student(client, r, exported, prefix="t3", dataset="digits") for r in runs]
+    name = versions[0].name
+    assert promote_champion(client, name, "1", top1=95.0, test_set="sha-t", run_id=runs[0])[0]
+    worse = {
+        "student_number": 2,
+        "name": "s2",
+        "params": 1,
+        "size_pct": 1.0,
+        "top1": 60.0,
+        "test_set": "sha-t",
+    }
+    registration = [{"student": 2, "name": name, "version": "2", "created": True}]
+    try:
+        flaky.failing = True
+        with pytest.raises(MlflowException, match=r"upstream busy|503"):
+            promote_champion(client, name, "2", top1=60.0, test_set="sha-t", run_id=runs[1])
+        with pytest.raises(MlflowException, match=r"upstream busy|503"):
+            select_students(
+                [{**worse, "latency_ms": {"1": {"p50": 1.0}}}],
+                [],
+                registration,
+                {"beat_champion": True},
+                tracking_uri=flaky.uri,
+                run_id="",
+            )
+    finally:
+        flaky.failing = False
+        flaky.server.shutdown()
+    assert MlflowClient(mlflow_stack.mlflow_uri).get_model_version_by_alias(name, CHAMPION).version == "1"
+
+
+def test_no_model_and_no_alias_both_mean_no_champion(mlflow_stack: ServicesInfo, exported: Path) -> None:
+    from bockd.model_registry import champion_version
+
+    client = MlflowClient(mlflow_stack.mlflow_uri)
+    assert champion_version(client, "t4-never-registered") is None
+    version = register_student(client, _run(client, "t4"), exported, prefix="t4", dataset="digits")
+    assert champion_version(client, version.name) is None  # registered, no alias yet

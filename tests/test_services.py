@@ -18,7 +18,7 @@ import pytest
 from minio.error import S3Error
 
 from bockd.services import BUCKET, ServiceError, ServicesInfo, down, status, up
-from bockd.services.procs import owns, stop
+from bockd.services.procs import cmdline, owns, stop
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,32 @@ def test_credentials_are_private_and_never_logged(stack: ServicesInfo, state_dir
         assert secret not in log.read_text(errors="replace"), log
     for pid in (stack.s3.pid, stack.mlflow.pid):  # not visible in `ps` either
         assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue  # exited while we looked
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return found
+
+
+def test_mlflow_runs_no_job_workers(stack: ServicesInfo) -> None:
+    # MLflow's job runner + huey consumers (~270 MB each) serve GenAI jobs bockd never submits. The runner
+    # is spawned right after the web server, before /health answers, so it would be visible by now.
+    commands = [" ".join(cmdline(pid)) for pid in _descendants(stack.mlflow.pid)]
+    assert commands and all("uvicorn" in c or "mlflow server" in c for c in commands), commands
+    assert not [c for c in commands if "mlflow.server.jobs" in c or "huey" in c], commands
 
 
 def test_up_is_idempotent_and_status_reports_running(stack: ServicesInfo, state_dir: Path) -> None:

@@ -27,6 +27,7 @@ from kserve.errors import InvalidInput
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
+from numerics import probability_tolerance, reduction_length
 from PIL import Image
 
 from bockd.data import ImageDataset
@@ -119,6 +120,13 @@ def reference(folders: list[Path], images: np.ndarray) -> tuple[np.ndarray, np.n
     return logits.numpy(), torch.softmax(logits, dim=1).numpy()
 
 
+def tolerance(folders: list[Path], logits: np.ndarray) -> float:
+    """For probabilities from other kernels (ONNX Runtime) or another process (its own thread count, so
+    its own summation order): rounding at the logits' scale. In-process PyTorch does the reference's
+    arithmetic exactly, so those answers keep atol=1e-6 on any CPU."""
+    return probability_tolerance(logits, sum(reduction_length(load_student(f)) for f in folders))
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
@@ -191,9 +199,11 @@ def http(url: str, body: bytes | None = None) -> tuple[int, Any]:
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_v1_uint8_matches_load_student(models, students, images, backend: str) -> None:
     out = in_process(models[backend], {"instances": images.tolist()})
-    _, want = reference([students[S3]], images)
+    logits, want = reference([students[S3]], images)
     probs = np.asarray([p["probabilities"] for p in out["predictions"]])
-    np.testing.assert_allclose(probs, want, atol=1e-6 if backend == "torch" else 1e-4)
+    np.testing.assert_allclose(
+        probs, want, atol=1e-6 if backend == "torch" else tolerance([students[S3]], logits)
+    )
     config = read_student_config(students[S3])
     for row, pred in zip(want, out["predictions"], strict=True):
         top = pred["top_k"]
@@ -230,14 +240,13 @@ def test_resize_and_channel_conversion_follow_config(models, images) -> None:
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_v2_fp32_uint8_bytes_match_load_student(models, students, images, backend: str) -> None:
-    _, want = reference([students[S3]], images)
+    logits, want = reference([students[S3]], images)
+    atol = 1e-6 if backend == "torch" else tolerance([students[S3]], logits)
     for kind in ("FP32", "UINT8", "BYTES"):
         outs = v2_outputs(in_process(models[backend], v2_body(images, kind), v2=True))
         probs = outs["probabilities"]
         assert (probs["datatype"], probs["shape"]) == ("FP32", [8, 10])
-        np.testing.assert_allclose(
-            np.reshape(probs["data"], (8, 10)), want, atol=1e-6 if backend == "torch" else 1e-4
-        )
+        np.testing.assert_allclose(np.reshape(probs["data"], (8, 10)), want, atol=atol)
         idx = np.reshape(outs["top_k_indices"]["data"], (8, 5))
         assert outs["top_k_indices"]["datatype"] == "INT64" and (idx[:, 0] == want.argmax(1)).all()
         assert outs["top_k_classes"]["datatype"] == "BYTES" and outs["top_k_classes"]["shape"] == [8, 5]
@@ -247,9 +256,10 @@ def test_v2_fp32_uint8_bytes_match_load_student(models, students, images, backen
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_ensemble_averages_student_logits(models, students, images, backend: str) -> None:
     model = models[f"ensemble-{backend}"]
-    _, want = reference([students[S1], students[S3]], images)
+    logits, want = reference([students[S1], students[S3]], images)
     out = in_process(model, {"instances": images.tolist()})
-    np.testing.assert_allclose([p["probabilities"] for p in out["predictions"]], want, atol=1e-4)
+    atol = tolerance([students[S1], students[S3]], logits)  # the mean may be summed in another order
+    np.testing.assert_allclose([p["probabilities"] for p in out["predictions"]], want, atol=atol)
     _, alone = reference([students[S3]], images)
     assert not np.allclose(want, alone, atol=1e-3)  # averaging really changed something
 
@@ -404,26 +414,28 @@ def test_server_binds_loopback_and_is_recorded(server: LocalEndpoint, state_dir:
 
 
 def test_http_v1_uint8_and_png_files(server: LocalEndpoint, students, images, tmp_path: Path) -> None:
-    _, want = reference([students[S3]], images)
+    logits, want = reference([students[S3]], images)
+    atol = tolerance([students[S3]], logits)
     got = predict_v1(server.url, "s3", list(images))
-    np.testing.assert_allclose([p["probabilities"] for p in got], want, atol=1e-6)
+    np.testing.assert_allclose([p["probabilities"] for p in got], want, atol=atol)
     paths = []
     for i, image in enumerate(images[:3]):
         paths.append(tmp_path / f"{i}.png")
         paths[-1].write_bytes(png_bytes(image))
     files = predict_files(server.url, "s3", paths)
-    np.testing.assert_allclose([p["probabilities"] for p in files], want[:3], atol=1e-6)
+    np.testing.assert_allclose([p["probabilities"] for p in files], want[:3], atol=atol)
     assert files[0]["top_k"][0]["class"] == str(int(want[0].argmax()))
 
 
 def test_http_v2_three_formats(server: LocalEndpoint, students, images) -> None:
-    _, want = reference([students[S3]], images)
+    logits, want = reference([students[S3]], images)
     for kind in ("FP32", "UINT8", "BYTES"):
         status, body = http(server.v2_infer_url, json.dumps(v2_body(images, kind)).encode())
         assert status == 200, body
         outs = v2_outputs(body)
         assert [o["name"] for o in body["outputs"]] == ["probabilities", "top_k_indices", "top_k_classes"]
-        np.testing.assert_allclose(np.reshape(outs["probabilities"]["data"], (8, 10)), want, atol=1e-5)
+        probs = np.reshape(outs["probabilities"]["data"], (8, 10))
+        np.testing.assert_allclose(probs, want, atol=tolerance([students[S3]], logits))
         assert outs["top_k_indices"]["shape"] == [8, 5] and outs["top_k_classes"]["datatype"] == "BYTES"
 
 
@@ -441,13 +453,14 @@ def test_http_metadata_and_ready(server: LocalEndpoint) -> None:
 
 
 def test_http_ensemble_onnx_averages_logits(ensemble_server: LocalEndpoint, students, images) -> None:
-    _, want = reference([students[S1], students[S3]], images)
+    logits, want = reference([students[S1], students[S3]], images)
+    atol = tolerance([students[S1], students[S3]], logits)
     got = predict_v1(ensemble_server.url, "ens", list(images))
-    np.testing.assert_allclose([p["probabilities"] for p in got], want, atol=1e-4)
+    np.testing.assert_allclose([p["probabilities"] for p in got], want, atol=atol)
     status, body = http(ensemble_server.v2_infer_url, json.dumps(v2_body(images, "UINT8")).encode())
     assert status == 200
     np.testing.assert_allclose(
-        np.reshape(v2_outputs(body)["probabilities"]["data"], (8, 10)), want, atol=1e-4
+        np.reshape(v2_outputs(body)["probabilities"]["data"], (8, 10)), want, atol=atol
     )
 
 
@@ -470,10 +483,12 @@ def test_http_hundred_bad_requests_each_400_then_good_ones_work(
             assert status == 400, (protocol, fragment, status, answer)
             assert fragment in answer["error"], (fragment, answer)
             sent += 1
-    _, want = reference([students[S3]], images)
+    logits, want = reference([students[S3]], images)
     for _ in range(3):
         got = predict_v1(server.url, "s3", list(images))
-        np.testing.assert_allclose([p["probabilities"] for p in got], want, atol=1e-6)
+        np.testing.assert_allclose(
+            [p["probabilities"] for p in got], want, atol=tolerance([students[S3]], logits)
+        )
     status, body = http(server.v2_infer_url, json.dumps(v2_body(images, "BYTES")).encode())
     assert status == 200 and v2_outputs(body)["probabilities"]["shape"] == [8, 10]
 

@@ -8,7 +8,7 @@ from bockd.data.digits import load_digits_dataset
 from bockd.data.idx import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, load_fashion_mnist, read_idx
 from bockd.data.imagefolder import load_imagefolder
 from bockd.data.loaders import BatchLoader, batch_seed, epoch_permutation, mix_seed
-from bockd.data.registry import DATASET_NAMES, canonical_name, load_dataset
+from bockd.data.registry import DATASET_NAMES, canonical_name, check_source, load_dataset
 from bockd.data.resize import resize_images
 from bockd.data.safe_pickle import safe_loads
 from bockd.data.splits import stratified_split
@@ -25,6 +25,7 @@ __all__ = [
     "augment_batch",
     "batch_seed",
     "canonical_name",
+    "check_source",
     "crop_flip",
     "epoch_permutation",
     "load_cifar",

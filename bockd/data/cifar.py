@@ -76,15 +76,29 @@ def load_cifar(
     fetches the official tarball there (or into `path`) when nothing is found.
     """
     spec = SPECS[name]
+    found = locate_cifar(name, path, download=download) or _download(spec, _root(spec, path))
+    kind, where = found
+    return _READERS[kind](spec, where)
+
+
+def _root(spec: CifarSpec, path: str | os.PathLike[str] | None) -> Path:
+    return cache_dir() / spec.name if path is None else Path(path).expanduser()
+
+
+def locate_cifar(
+    name: str, path: str | os.PathLike[str] | None = None, *, download: bool = False
+) -> tuple[str, Path] | None:
+    """What `load_cifar` would read, ``(kind, path)``, checked without reading any image: None when it
+    would download, DataError when the source is missing or incomplete."""
+    spec = SPECS[name]
+    root = _root(spec, path)
     if path is None:
-        root = cache_dir() / spec.name
         found = _find_source(spec, root) if root.is_dir() else None
         if found is None and not download:
             raise DataError(
                 f"{name}: no path given and nothing cached in {str(root)!r}; pass path= or download=True"
             )
     else:
-        root = Path(path).expanduser()
         found = _find_source(spec, root) if root.exists() else None
         if found is None and not download:
             existing_path(root, f"{name} path")
@@ -94,10 +108,10 @@ def load_cifar(
             )
         if found is None and root.is_file():
             raise DataError(f"{name}: {str(root)!r} is a file but not {spec.archive}")
-    if found is None:
-        found = _download(spec, root)
-    kind, where = found
-    return _READERS[kind](spec, where)
+    if found is not None and found[0] in _MEMBERS:
+        for member in _MEMBERS[found[0]](spec):
+            _member(spec, found[1], member)
+    return found
 
 
 def _find_source(spec: CifarSpec, p: Path) -> tuple[str, Path] | None:
@@ -140,14 +154,15 @@ def _download(spec: CifarSpec, root: Path) -> tuple[str, Path]:
 
 
 # ---- readers -------------------------------------------------------------------------------------------
-def _read_folder(spec: CifarSpec, folder: Path) -> ImageDataset:
-    def read(member: str) -> bytes:
-        p = folder / member
-        if not p.is_file():
-            raise DataError(f"{spec.name}: {str(p)!r} is missing")
-        return p.read_bytes()
+def _member(spec: CifarSpec, folder: Path, member: str) -> Path:
+    p = folder / member
+    if not p.is_file():
+        raise DataError(f"{spec.name}: {str(p)!r} is missing")
+    return p
 
-    return _from_batches(spec, read, str(folder))
+
+def _read_folder(spec: CifarSpec, folder: Path) -> ImageDataset:
+    return _from_batches(spec, lambda member: _member(spec, folder, member).read_bytes(), str(folder))
 
 
 def _read_archive(spec: CifarSpec, archive: Path) -> ImageDataset:
@@ -229,12 +244,9 @@ def _int_labels(labels: Any, source: str, field: str) -> np.ndarray:
 
 
 def _read_npz(spec: CifarSpec, folder: Path) -> ImageDataset:
-    splits = {}
-    for split in ("train", "test"):
-        p = folder / f"{spec.name}_{split}.npz"
-        if not p.is_file():
-            raise DataError(f"{spec.name}: {str(p)!r} is missing (expected both _train and _test .npz)")
-        splits[split] = read_xy_npz(p)
+    splits = {
+        split: read_xy_npz(_member(spec, folder, f"{spec.name}_{split}.npz")) for split in ("train", "test")
+    }
     classes = list(spec.classes)
     meta = folder / spec.meta_file
     if meta.is_file():
@@ -258,6 +270,11 @@ def read_xy_npz(path: Path) -> ImageSplit:
     return ImageSplit(x=x, y=_int_labels(y, str(path), "y"))
 
 
+# The files each kind of source must hold (an archive's members are only known once it is read).
+_MEMBERS: dict[str, Callable[[CifarSpec], tuple[str, ...]]] = {
+    "folder": lambda spec: (*spec.train_files, spec.test_file),
+    "npz": lambda spec: (f"{spec.name}_train.npz", f"{spec.name}_test.npz"),
+}
 _READERS: dict[str, Callable[[CifarSpec, Path], ImageDataset]] = {
     "folder": _read_folder,
     "archive": _read_archive,

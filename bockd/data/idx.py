@@ -62,30 +62,40 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise DataError(f"fashion-mnist: {str(folder / stem)!r}[.gz] is missing")
 
 
+def locate_fashion_mnist(
+    path: str | os.PathLike[str] | None = None, *, download: bool = False
+) -> dict[str, Path] | None:
+    """The four idx files `load_fashion_mnist` would read, found without reading them: None when it would
+    download them, DataError naming what is missing."""
+    root = None if path is None else Path(path).expanduser()
+    folder = (
+        _resolve(root)
+        if root is not None
+        else _resolve(DEBIAN_FASHION_MNIST) or _resolve(cache_dir() / "fashion-mnist")
+    )
+    if folder is None and download:
+        return None
+    if folder is None and root is None:
+        raise DataError(
+            f"fashion-mnist: no path given, {str(DEBIAN_FASHION_MNIST)!r} is absent (apt-get install "
+            "dataset-fashion-mnist) and nothing is cached; pass path= or download=True"
+        )
+    if folder is None:
+        folder = existing_path(root, "fashion-mnist folder")  # exists but incomplete: _find_idx names a file
+    return {key: _find_idx(folder, stem) for key, stem in _FILES.items()}
+
+
 def load_fashion_mnist(path: str | os.PathLike[str] | None = None, *, download: bool = False) -> ImageDataset:
     """Fashion-MNIST from a folder of the four idx files ([N, 28, 28, 1] uint8).
 
     With no path: the Debian package location, then the download cache; `download=True` fetches the
     files there with torchvision when neither has them.
     """
-    if path is not None:
-        root = Path(path).expanduser()
-        folder = _resolve(root)
-        if folder is None and download:
-            folder = _download(root)
-        elif folder is None:
-            existing_path(root, "fashion-mnist folder")
-            folder = root  # exists but incomplete: _find_idx names the first missing file
-    else:
-        folder = _resolve(DEBIAN_FASHION_MNIST) or _resolve(cache_dir() / "fashion-mnist")
-        if folder is None and download:
-            folder = _download(cache_dir() / "fashion-mnist")
-        elif folder is None:
-            raise DataError(
-                f"fashion-mnist: no path given, {str(DEBIAN_FASHION_MNIST)!r} is absent (apt-get install "
-                "dataset-fashion-mnist) and nothing is cached; pass path= or download=True"
-            )
-    arrays = {key: read_idx(_find_idx(folder, stem)) for key, stem in _FILES.items()}
+    files = locate_fashion_mnist(path, download=download)
+    if files is None:
+        folder = _download(cache_dir() / "fashion-mnist" if path is None else Path(path).expanduser())
+        files = {key: _find_idx(folder, stem) for key, stem in _FILES.items()}
+    arrays = {key: read_idx(file) for key, file in files.items()}
     splits = {}
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]

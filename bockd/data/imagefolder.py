@@ -13,9 +13,10 @@ from bockd.data._util import existing_path
 from bockd.data.dataset import ImageDataset, ImageSplit
 from bockd.data.splits import stratified_split
 from bockd.errors import DataError
+from bockd.imaging import to_8bit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 # Everything PIL raises for a file it cannot decode (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -23,6 +24,35 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 def load_imagefolder(
     path: str | os.PathLike[str], *, image_size: int | None = None, seed: int = 0, test_fraction: float = 0.2
 ) -> ImageDataset:
+    root = Path(path).expanduser()
+    layout, classes = scan_imagefolder(root)
+    files = {s: [(f, ci) for ci, c in enumerate(classes) for f in found[c]] for s, found in layout.items()}
+    everything = [f for fs in files.values() for f, _ in fs]
+    mode, size = _plan(everything, image_size)
+    arrays = {s: _decode([f for f, _ in fs], mode, size) for s, fs in files.items()}
+    labels = {s: np.array([ci for _, ci in fs], dtype=np.int64) for s, fs in files.items()}
+
+    if "all" in arrays:
+        x, y = arrays["all"], labels["all"]
+        train_idx, test_idx = stratified_split(y, test_fraction, seed)
+        splits = {
+            "train": ImageSplit(x[train_idx], y[train_idx]),
+            "test": ImageSplit(x[test_idx], y[test_idx]),
+        }
+    else:
+        splits = {s: ImageSplit(arrays[s], labels[s]) for s in arrays}
+    return ImageDataset(
+        name=root.resolve().name or "imagefolder",
+        classes=classes,
+        train=splits["train"],
+        test=splits["test"],
+        val=splits.get("val"),
+    )
+
+
+def scan_imagefolder(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, list[Path]]], list[str]]:
+    """The layout `load_imagefolder` reads (split -> class -> image files) and the sorted class names,
+    checked without decoding any image: DataError for a missing path, mismatched classes or no images."""
     root = existing_path(path, "imagefolder path")
     if not root.is_dir():
         raise DataError(f"imagefolder path {str(root)!r} is not a folder")
@@ -45,31 +75,9 @@ def load_imagefolder(
         classes = sorted(layout["all"])
     if not classes:
         raise DataError(f"imagefolder {str(root)!r}: no class folders found")
-
-    files = {s: [(f, ci) for ci, c in enumerate(classes) for f in found[c]] for s, found in layout.items()}
-    everything = [f for fs in files.values() for f, _ in fs]
-    if not everything:
+    if not any(files for found in layout.values() for files in found.values()):
         raise DataError(f"imagefolder {str(root)!r}: no images with extensions {IMAGE_EXTENSIONS}")
-    mode, size = _plan(everything, image_size)
-    arrays = {s: _decode([f for f, _ in fs], mode, size) for s, fs in files.items()}
-    labels = {s: np.array([ci for _, ci in fs], dtype=np.int64) for s, fs in files.items()}
-
-    if "all" in arrays:
-        x, y = arrays["all"], labels["all"]
-        train_idx, test_idx = stratified_split(y, test_fraction, seed)
-        splits = {
-            "train": ImageSplit(x[train_idx], y[train_idx]),
-            "test": ImageSplit(x[test_idx], y[test_idx]),
-        }
-    else:
-        splits = {s: ImageSplit(arrays[s], labels[s]) for s in arrays}
-    return ImageDataset(
-        name=root.resolve().name or "imagefolder",
-        classes=classes,
-        train=splits["train"],
-        test=splits["test"],
-        val=splits.get("val"),
-    )
+    return layout, classes
 
 
 def _scan(folder: Path) -> dict[str, list[Path]]:
@@ -120,7 +128,7 @@ def _decode(files: list[Path], mode: str, size: tuple[int, int]) -> np.ndarray:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(f) as im:
                     im.load()
-                    img = im.convert(mode)
+                    img = to_8bit(im, f"image {str(f)!r}").convert(mode)
         except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as e:
             raise DataError(f"image {str(f)!r} cannot be decoded: {e}") from e
         if img.size != size:

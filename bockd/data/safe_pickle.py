@@ -27,9 +27,27 @@ def _latin1_encode(obj: str, encoding: str = "utf-8", errors: str = "strict") ->
     return codecs.encode(obj, "latin1", errors)
 
 
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """Stand-in for numpy's `_frombuffer`, which protocol 5 (`pickle.HIGHEST_PROTOCOL`) emits for arrays:
+    the same result, for plain (non-object) dtypes, in-band bytes and an integer shape only."""
+    if not isinstance(buffer, bytes | bytearray | pickle.PickleBuffer):
+        raise DataError(f"pickle calls numpy _frombuffer with a {type(buffer).__name__}, expected bytes")
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise DataError(f"pickle asks numpy _frombuffer for dtype {dtype!r}; only plain dtypes are allowed")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise DataError(f"pickle asks numpy _frombuffer for shape {shape!r}; expected a tuple of sizes")
+    if order not in ("C", "F"):
+        raise DataError(f"pickle asks numpy _frombuffer for order {order!r}; expected 'C' or 'F'")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
+# Every global numpy itself writes for an array, under every pickle protocol (0-2: _reconstruct with
+# latin1 text, 3-4: _reconstruct, 5: _frombuffer), for numpy 1.x and 2.x module paths.
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # written by numpy 1.x (the real files)
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # written by numpy 2.x
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # protocol 5, numpy 1.x
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,  # protocol 5, numpy 2.x
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,

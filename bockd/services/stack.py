@@ -40,6 +40,11 @@ _WEED_INTERNAL = (
     "admin.port",
     "admin.port.grpc",
 )
+# MLflow 3.x's server starts a job runner and seven huey consumers (~270 MB each) for GenAI jobs (scorers,
+# trace rollups) that bockd never submits. This is mlflow's documented switch (environment_variables.py:
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION, read in mlflow/server/__init__.py `_run_server`); with it off the
+# server runs no job workers, and a job request would get a clear "not enabled" error.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,7 @@ def up(
         health.ensure_bucket(s3_endpoint, creds, BUCKET)
 
         ml_log = layout.log(MLFLOW)
-        ml_env = _child_env(s3_endpoint, creds)
+        ml_env = _child_env(s3_endpoint, creds) | MLFLOW_SERVER_ENV
         ml = procs.spawn(mlflow_argv(layout, mlflow_port, BUCKET), ml_log, ml_env, layout.root)
         started.append((ml.pid, _markers(layout, MLFLOW)))
         procs.wait_until(lambda: health.mlflow_ready(mlflow_uri), ml, timeout, "MLflow server", ml_log)
