@@ -378,6 +378,12 @@ def epochs_done(run: Path) -> int:
     return int(json.loads(progress.read_text())["epochs_done"]) if progress.is_file() else -1
 
 
+def run_dirs(root: Path) -> list[Path]:
+    """Every run folder under ``root``, at any depth: those that wrote a progress.json (a study's runs
+    live in ``study/runs/seed-<s>/<name>-<digest>``, the preset runs directly under ``root``)."""
+    return sorted(p.parent for p in root.rglob("progress.json")) if root.is_dir() else []
+
+
 def restore_state(carried: Path, runs: Path) -> list[str]:
     """Bring back the runs a previous call returned (carried as ``.gpu/state``), run by run, unless the
     machine still holds a run that got further."""
@@ -388,13 +394,13 @@ def restore_state(carried: Path, runs: Path) -> list[str]:
     if not read_chunked_tar(carried, "state", unpacked):
         return []
     restored = []
-    for run in sorted(p for p in unpacked.iterdir() if p.is_dir()):
-        here = runs / run.name
+    for run in run_dirs(unpacked):
+        here = runs / run.relative_to(unpacked)
         if epochs_done(run) > epochs_done(here):
             shutil.rmtree(here, ignore_errors=True)
-            runs.mkdir(parents=True, exist_ok=True)
+            here.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(run), here)
-            restored.append(f"{run.name} (epoch {epochs_done(here)})")
+            restored.append(f"{here.relative_to(runs)} (epoch {epochs_done(here)})")
     shutil.rmtree(unpacked, ignore_errors=True)
     return restored
 
@@ -697,6 +703,47 @@ def phase_train(
         save()
 
 
+def phase_study(
+    args: argparse.Namespace, budget: Budget, data: Path, runs: Path, report: Report, cuda: bool, save: Any
+) -> None:
+    """A recipe study (``--study``, e.g. stage B: bockd's recipe against the paper's on full CIFAR-10) as
+    far as the budget goes, resumed across calls: ``bockd.study.run_study`` with a ``fit`` that trains
+    within the budget. The comparison covers the seeds whose runs all finished."""
+    from bockd.config import merge_overrides
+    from bockd.engine import Trainer
+    from bockd.study import load_study, run_study
+
+    spec = load_study(args.study)
+    last_epoch = 0.0
+
+    def fit(config: Any, dataset: Any, workdir: Path) -> Any:
+        nonlocal last_epoch
+        runtime = run_overrides(args, "ensemble", cuda)["runtime"]  # not part of a run's identity
+        config = type(config).model_validate(merge_overrides(config.to_dict(), {"runtime": runtime}))
+        name = str(workdir.relative_to(runs))
+        if epochs_done(workdir) < config.epochs:
+            if budget.left() < max(30.0, 1.5 * last_epoch):
+                report.add(
+                    "Study", f"{name}: not started, out of time (at epoch {max(epochs_done(workdir), 0)})"
+                )
+                return None
+            last_epoch = train_run(config, dataset, workdir, budget, save) or last_epoch
+            report.add("Study", run_line(name, workdir, config.epochs))
+            save()
+        if epochs_done(workdir) < config.epochs:
+            return None
+        return Trainer(config, dataset, workdir).fit()  # finished: reads the run back, trains nothing
+
+    table = run_study(spec, runs / "study", source=data, fit=fit)
+    for row in table["recipes"]:
+        gains = ", ".join(
+            f"{label} {cell['gain_points']['mean']:+.2f}"
+            for label, cell in row["students"].items()
+            if "gain_points" in cell
+        )
+        report.add("Study", f"{row['recipe']}: seeds {row['seeds']}: {gains}")
+
+
 def train_run(config: Any, dataset: Any, workdir: Path, budget: Budget, save: Any) -> float:
     """Train (resuming) until the run is done or the budget stops it; the last epoch's seconds."""
     import torch
@@ -756,8 +803,7 @@ def write_out(out: Path, work: Path, report: Report) -> None:
     small = [p for p in runs.rglob("*.json")] if runs.is_dir() else []
     write_chunked_tar(work, [results, *small], out, "results", RETURN_FILE_LIMIT)
     if runs.is_dir():
-        run_dirs = sorted(p for p in runs.iterdir() if p.is_dir())
-        write_chunked_tar(runs, run_dirs, out, "state", RETURN_FILE_LIMIT)
+        write_chunked_tar(runs, run_dirs(runs), out, "state", RETURN_FILE_LIMIT)
 
 
 def configure_logging(path: Path) -> None:
@@ -808,9 +854,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "train" in phases and data is None:
         report.add("Training", "not run: CIFAR-10 is incomplete on this machine (see Data)")
     elif "train" in phases:
-        failed |= guarded(
-            report, "Training", phase_train, args, budget, data, work / "runs", report, cuda, save
-        )
+        phase = phase_study if args.study else phase_train
+        failed |= guarded(report, "Training", phase, args, budget, data, work / "runs", report, cuda, save)
     save()
     print(summary_markdown(report), flush=True)
     return 1 if failed else 0
@@ -945,6 +990,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     r.add_argument("--arch", default="resnet20")
     r.add_argument("--runs", nargs="+", default=list(RUN_NAMES), choices=list(RUN_NAMES))
     r.add_argument("--no-cuda-graph", action="store_true", help="train without runtime.cuda_graph")
+    r.add_argument(
+        "--study",
+        help="train this recipe study instead of --preset's runs (benchmarks/studies/stage-b-cifar10.yaml)",
+    )
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="training config override")
     sub.add_parser("digest", help="the source digest a run reports (which code ran)")
     h = sub.add_parser("rehearse", help="here: simulate the device calls with another interpreter")

@@ -5,7 +5,8 @@ For each chosen student of an ensemble and each backend (torch, onnx):
 - raw forward, no server: p50/p99 ms at batch 1 and 32 (torch: ``load_student`` under
   ``torch.inference_mode()``; onnx: an ONNX Runtime session on the exported ``model.onnx``), on the very
   float NCHW batch the server's preprocess makes from the request below;
-- served: ``bockd.serving.local.start_local_server`` on 127.0.0.1, V1 ``:predict`` requests carrying uint8
+- served: ``bockd.platform.services.model_servers.start_local_server`` on 127.0.0.1, V1 ``:predict``
+  requests carrying uint8
   HWC instances (what ``bockd.serving.client.predict_v1`` sends), from 1 and 16 concurrent client threads
   (urllib, JSON bodies encoded beforehand so the client's own encoding is not timed): p50/p99 latency per
   request and throughput in images/s over the whole burst.
@@ -56,7 +57,11 @@ from bench_common import cpu_model, synthetic_dataset
 from bockd.config import build_config
 from bockd.engine import Trainer
 from bockd.export import ONNX_FILE, export_student, load_student, read_student_config
-from bockd.serving.local import start_local_server, stop_all_local_servers, stop_local_server
+from bockd.platform.services.model_servers import (
+    start_local_server,
+    stop_all_local_servers,
+    stop_local_server,
+)
 from bockd.serving.preprocess import InputSpec, batch_from_v1
 
 BACKENDS = ("torch", "onnx")
@@ -192,7 +197,7 @@ def bench_student(
     # Four different request bodies per batch size, and the exact tensor the server decodes from them.
     inputs = {b: [images(b, seed) for seed in range(4)] for b in BATCHES}
     bodies = {b: [v1_body(imgs) for imgs in inputs[b]] for b in BATCHES}
-    tensors = {b: batch_from_v1({"instances": inputs[b][0].tolist()}, spec, 256) for b in BATCHES}
+    tensors = {b: batch_from_v1({"instances": inputs[b][0].tolist()}, spec) for b in BATCHES}
     rows = []
     for backend in BACKENDS:
         run = raw_runner(folder, backend, args.threads)

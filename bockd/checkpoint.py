@@ -1,4 +1,4 @@
-"""Atomic files: training checkpoints (no pickle on load) and small JSON/safetensors writers.
+"""Training checkpoints (no pickle on load) and safetensors weights, written atomically (`bockd.atomic`).
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over
 the old one, so a process killed at any instant leaves either the previous checkpoint or the new one,
@@ -7,44 +7,25 @@ never half of one. Loading uses ``torch.load(weights_only=True)``: tensors and p
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from bockd.atomic import atomic_write, current_umask, write_json
 from bockd.errors import CheckpointError
 
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` then move ``tmp`` onto ``path`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; outputs are read by other users (a non-root serving container).
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+__all__ = [
+    "atomic_write",
+    "current_umask",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "write_json",
+    "write_safetensors",
+]
 
 
 def write_safetensors(

@@ -68,7 +68,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     callbacks = []
     if args.mlflow_uri:
-        from bockd.tracking import MlflowCallback  # mlflow is an optional dependency (the pipeline extra)
+        from bockd.platform.tracking import (
+            MlflowCallback,  # mlflow is an optional dependency (the pipeline extra)
+        )
 
         callbacks.append(
             MlflowCallback(args.mlflow_uri, experiment=args.experiment, run_name=Path(args.workdir).name)
@@ -147,7 +149,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from bockd.study import comparison_markdown, load_study, run_study
 
     spec = load_study(args.study)
-    table = run_study(spec, args.out)
+    table = run_study(spec, args.out, source=args.data_path)
     print(comparison_markdown(table, table["title"]))
     out = Path(args.out)
     print(f"results: {out / 'study.md'}, {out / 'study.json'}, {out / 'study.png'}; per recipe {out}/<name>/")
@@ -155,7 +157,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_services(args: argparse.Namespace) -> int:
-    from bockd import services
+    from bockd.platform import services
 
     state = Path(args.state_dir)
     if args.action == "up":
@@ -164,7 +166,7 @@ def _cmd_services(args: argparse.Namespace) -> int:
         print(f"MLflow:         {info.mlflow_uri}")
         print(f"credentials:    {state / 'credentials.env'} (mode 0600)")
     elif args.action == "down":
-        from bockd.serving.local import stop_all_local_servers
+        from bockd.platform.services.model_servers import stop_all_local_servers
 
         for name in stop_all_local_servers(state / "serving"):  # what `pipeline run --local` deployed
             print(f"stopped model server {name}")
@@ -184,7 +186,7 @@ def _cmd_services(args: argparse.Namespace) -> int:
 def _resolve_model(source: str, cache: Path) -> Path:
     """A local folder as is; ``s3://`` prefixes and ``models:/name@alias`` (MLflow) downloaded first."""
     if source.startswith("s3://"):
-        from bockd.storage import download_prefix
+        from bockd.platform.s3 import download_prefix
 
         return download_prefix(source, cache / source.removeprefix("s3://").replace("/", "_"))
     if source.startswith("models:/"):
@@ -294,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="compare training recipes, each against its own baselines (YAML study)")
     p.add_argument("study", help="study file: dataset, arch, seeds, baselines, common settings, recipes")
     p.add_argument("--out", default="runs/study", help="runs, per-recipe results and the comparison")
+    p.add_argument(
+        "--data-path",
+        help="read the dataset from here instead of the study's data_path (not part of the runs' identity)",
+    )
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("services", help="the embedded S3 (SeaweedFS) and MLflow servers on 127.0.0.1")

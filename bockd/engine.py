@@ -191,9 +191,13 @@ class Trainer:
             num_students=n,
         )
         self.ensemble_spec = dict(ensemble.spec)
+        # Without a hint term the adapters would never get a gradient: frozen, they stay out of the
+        # optimizer and out of DDP's gradient reduction (which runs with find_unused_parameters off).
+        self.uses_hint = self.ensemble_mode and config.loss.hint_weight > 0
         if self.ensemble_mode:
             self.model: nn.Module = ensemble
             self.labels = [f"s{k + 1}" for k in range(n)]
+            ensemble.adapters.requires_grad_(self.uses_hint)
         else:
             self.model = ensemble.extract_student(config.student)
             self.labels = [f"s{config.student + 1}"]
@@ -270,7 +274,8 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
-        params = list(self.model.parameters())  # adapters included: they are part of the ensemble
+        # Adapters included when the hint term trains them (they are part of the ensemble from step one).
+        params = [p for p in self.model.parameters() if p.requires_grad]
         # On CUDA one fused kernel updates every parameter (foreach would launch dozens per step).
         fused: dict[str, Any] = {"fused": True} if self.device.type == "cuda" else {}
         if o.name == "sgd":
@@ -535,7 +540,11 @@ class Trainer:
             if self.ensemble_mode:
                 out = self.forward(x)
                 model: BranchedEnsemble = self.model  # type: ignore[assignment]
-                adapted = [model.adapt(i, out.features[i]) for i in range(1, model.num_students)]
+                adapted = (
+                    [model.adapt(i, out.features[i]) for i in range(1, model.num_students)]
+                    if self.uses_hint
+                    else None
+                )
                 loss = self.loss(out.logits, y, out.features[0], adapted, distill_scale)
                 return loss, out.logits
             z = self.forward(x)

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from bockd.checkpoint import current_umask, write_json, write_safetensors
+from bockd.atomic import atomic_dir, write_json
+from bockd.checkpoint import write_safetensors
 from bockd.engine import MODEL_CONFIG, RUN_FORMAT, WEIGHTS
 from bockd.errors import CheckpointError
 from bockd.export_format import (
@@ -144,19 +143,11 @@ def export_student(
             f"out: {out_dir} exists and is not an exported student folder; refusing to replace it "
             "(choose a new or empty folder)"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a serving container reads this folder
-    try:
+    with atomic_dir(out_dir, CheckpointError) as tmp:  # readable by others: a serving container reads it
         write_safetensors(tmp / WEIGHTS_FILE, student.state_dict(), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
         if onnx:
             export_onnx(student, tmp / ONNX_FILE, config["input_shape"])
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

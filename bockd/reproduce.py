@@ -254,25 +254,39 @@ def plot_accuracy_vs_params(summary: dict[str, Any], path: Path, title: str) -> 
     plt.close(fig)
 
 
+# How one run is trained: (config, data, run folder) -> its result, or None when it could not finish now
+# (a time budget ran out: benchmarks/gpu_check.py). The default trains to the end, resuming.
+Fit = Callable[[TrainConfig, ImageDataset, Path], "TrainResult | None"]
+
+
+def fit_to_the_end(config: TrainConfig, data: ImageDataset, workdir: Path) -> TrainResult:
+    """Train (or resume, or just read back a finished) run in ``workdir``."""
+    return Trainer(config, data, workdir).fit()
+
+
 def train_runs(
     configs: dict[int, dict[str, TrainConfig]],
     data: ImageDataset,
     folder: Callable[[int, str, TrainConfig], Path],
     on_seed_done: Callable[[dict[int, dict[str, TrainResult]]], None] | None = None,
     progress: tuple[int, int] = (0, 0),
+    fit: Fit = fit_to_the_end,
 ) -> dict[int, dict[str, TrainResult]]:
-    """Train (or resume, or just read back) every run, seed by seed; ``on_seed_done`` gets the seeds whose
-    runs are all finished so far. ``progress`` = (runs done before, runs in all) for the log lines."""
+    """Train every run, seed by seed; the result holds the seeds whose runs all finished. ``on_seed_done``
+    gets those after each one. ``progress`` = (runs done before, runs in all) for the log lines."""
     done, total = progress
     total = total or sum(len(runs) for runs in configs.values())
     results: dict[int, dict[str, TrainResult]] = {}
     for seed, runs in configs.items():
-        per_seed: dict[str, TrainResult] = {}
+        per_seed: dict[str, TrainResult | None] = {}
         for name, config in runs.items():
             done += 1
             log.info("run %d/%d: seed %d, %s (%d epochs)", done, total, seed, name, config.epochs)
-            per_seed[name] = Trainer(config, data, folder(seed, name, config)).fit()
-        results[seed] = per_seed
+            per_seed[name] = fit(config, data, folder(seed, name, config))
+        if any(result is None for result in per_seed.values()):
+            log.info("seed %d: not every run finished; left out of the results for now", seed)
+            continue
+        results[seed] = per_seed  # type: ignore[assignment]
         if on_seed_done is not None:
             on_seed_done(results)
     return results

@@ -36,7 +36,15 @@ from bockd.checkpoint import atomic_write, write_json
 from bockd.config import TrainConfig, format_validation_errors, merge_overrides
 from bockd.engine import TrainResult, load_training_data
 from bockd.errors import ConfigError
-from bockd.reproduce import full_summary, reproduction_configs, run_folder, train_runs, write_results
+from bockd.reproduce import (
+    Fit,
+    fit_to_the_end,
+    full_summary,
+    reproduction_configs,
+    run_folder,
+    train_runs,
+    write_results,
+)
 from bockd.significance import NOISE_RULE
 
 log = logging.getLogger("bockd.study")
@@ -211,13 +219,20 @@ def plot_comparison(table: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_study(spec: StudySpec, out_dir: str | Path) -> dict[str, Any]:
+def run_study(
+    spec: StudySpec, out_dir: str | Path, *, source: str | Path | None = None, fit: Fit = fit_to_the_end
+) -> dict[str, Any]:
     """Train every recipe's runs (seed by seed), writing each recipe's results and the comparison as they
-    finish; returns the comparison (``comparison``) with every recipe's full summary under ``summaries``."""
+    finish; returns the comparison (``comparison``) with every recipe's full summary under ``summaries``.
+
+    ``source``: read the dataset from there instead of the study's ``data_path``, without it entering the
+    runs' identity (the same runs resume on another machine with the data elsewhere). ``fit`` trains one
+    run (``bockd.reproduce.Fit``); a recipe's seed enters the results once all its runs have finished.
+    """
     out_dir = Path(out_dir)
     plans = study_configs(spec)
     first_plan = next(iter(plans.values()))
-    data = load_training_data(next(iter(first_plan.values()))["ensemble"])
+    data = load_training_data(next(iter(first_plan.values()))["ensemble"], source)
     runs_dir = out_dir / "runs"
     folders = {
         run_folder(out_dir, seed, name, cfg, runs_dir)
@@ -231,6 +246,8 @@ def run_study(spec: StudySpec, out_dir: str | Path) -> dict[str, Any]:
 
     def write_comparison() -> dict[str, Any]:
         table = comparison(summaries)
+        if not summaries:  # nothing finished yet (a budget ran out): no table to write
+            return table
         write_json(out_dir / STUDY_JSON, {**table, "title": title, "summaries": summaries})
         md = comparison_markdown(table, title)
         atomic_write(out_dir / STUDY_MD, lambda tmp: tmp.write_text(md))
@@ -248,7 +265,9 @@ def run_study(spec: StudySpec, out_dir: str | Path) -> dict[str, Any]:
                 return path
 
             before = len(done)
-            one_seed = train_runs({seed: plan[seed]}, data, folder, progress=(before, total))
+            one_seed = train_runs({seed: plan[seed]}, data, folder, progress=(before, total), fit=fit)
+            if seed not in one_seed:
+                continue
             results[name][seed] = one_seed[seed]
             summaries[name] = full_summary(results[name], data, plan, preset)
             write_results(out_dir / name, summaries[name])

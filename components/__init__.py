@@ -1,4 +1,4 @@
-"""KFP components: one file per pipeline step, each a thin wrapper over ``bockd.steps``.
+"""KFP components: one file per pipeline step, each a thin wrapper over ``bockd.pipeline.steps``.
 
 The functions in these files are plain Python; :func:`make_components` turns them into lightweight KFP
 components on a pinned image. Nothing is installed at run time (no ``packages_to_install``, no kfp
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kfp import dsl
+
 from bockd.components.evaluate import evaluate
 from bockd.components.prepare_data import prepare_data
 from bockd.components.register import register
@@ -17,7 +19,6 @@ from bockd.components.select import select
 from bockd.components.train_baseline import train_baseline
 from bockd.components.train_distributed import train_distributed
 from bockd.components.train_ensemble import train_ensemble
-from kfp import dsl
 
 __all__ = ["Components", "make_components"]
 

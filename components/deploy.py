@@ -17,30 +17,20 @@ def deploy(
     mlflow_artifacts_destination: str,
     endpoints: Output[Artifact],
 ) -> list[dict[str, Any]]:
-    """Returns one record per deployed student: name, version, url."""
-    import json
+    """Returns one record per deployed student: student, registered_model, version, url."""
+    from bockd.pipeline.records import Endpoints, Registrations, SelectionRecord
+    from bockd.pipeline.steps import ClusterTarget
+    from bockd.pipeline.steps import deploy as run
 
-    from bockd.steps import deploy as run
-
-    with open(selection.path) as f:
-        chosen = json.load(f)["chosen"]
-    with open(registrations.path) as f:
-        registered = json.load(f)
-    cluster = {
-        **deploy_options,
-        "namespace": serving_namespace,
-        "tracking_uri": mlflow_tracking_uri,
-        "artifacts_destination": mlflow_artifacts_destination,
-    }
-    records = run(
+    served = run(
         model.path,
-        chosen,
-        registered,
+        SelectionRecord.read(selection.path).chosen,
+        Registrations.read(registrations.path).registrations,
         mode=deploy_mode,
         serving_dir=local_serving_dir,
-        cluster_options=cluster,
+        cluster=ClusterTarget(serving_namespace, mlflow_tracking_uri, mlflow_artifacts_destination),
+        deploy_options=deploy_options,
     )
-    with open(endpoints.path, "w") as f:
-        json.dump(records, f, indent=2)
-    endpoints.metadata["urls"] = {r["name"]: r["url"] for r in records}
-    return records
+    Endpoints(endpoints=served).write(endpoints.path)
+    endpoints.metadata["urls"] = {e.registered_model: e.url for e in served}
+    return [e.model_dump(mode="json") for e in served]

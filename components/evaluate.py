@@ -13,11 +13,11 @@ def evaluate(
     confusion: Output[ClassificationMetrics],
 ) -> float:
     """Top-1/top-5, params, size, FLOPs and latency of S<student>; returns its top-1 (%)."""
-    from bockd.steps import evaluate as run
+    from bockd.pipeline.steps import evaluate as run
 
     record = run(dataset.path, model.path, student, evaluation.path, device=device)
     for key in ("top1", "top5", "params", "size_pct", "flops"):
-        metrics.log_metric(f"s{student}-{key}", record[key])
-    confusion.log_confusion_matrix(record["classes"], record["confusion"])
-    evaluation.metadata.update({"student": student, "name": record["name"], "top1": record["top1"]})
-    return record["top1"]
+        metrics.log_metric(f"s{student}-{key}", getattr(record, key))
+    confusion.log_confusion_matrix(record.classes, record.confusion)
+    evaluation.metadata.update({"student": student, "student_name": record.student_name, "top1": record.top1})
+    return record.top1

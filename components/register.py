@@ -13,19 +13,16 @@ def register(
     registrations: Output[Artifact],
 ) -> None:
     """Versions tagged with params, size %, top-1, baseline top-1 and gain; a re-run creates nothing."""
-    import json
-
-    from bockd.steps import BASELINE_FILE, EVALUATION_FILE, read_records
-    from bockd.steps import register as run
+    from bockd.pipeline.records import BaselineRecord, EvaluationRecord, Registrations, read_records
+    from bockd.pipeline.steps import register as run
 
     records = run(
         model.path,
-        read_records([e.path for e in evaluations], EVALUATION_FILE),
-        read_records([b.path for b in baselines], BASELINE_FILE),
+        read_records(EvaluationRecord, [e.path for e in evaluations]),
+        read_records(BaselineRecord, [b.path for b in baselines]),
         tracking_uri=mlflow_tracking_uri,
         run_id=mlflow_run_id,
         prefix=model_prefix,
     )
-    with open(registrations.path, "w") as f:
-        json.dump(records, f, indent=2)
-    registrations.metadata["versions"] = {r["name"]: r["version"] for r in records}
+    Registrations(registrations=records).write(registrations.path)
+    registrations.metadata["versions"] = {r.registered_model: r.version for r in records}

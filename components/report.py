@@ -16,25 +16,18 @@ def report(
     summary: Output[Artifact],
 ) -> None:
     """Also logs the report to the MLflow run; ``summary`` holds the per-student rows as JSON."""
-    import json
+    from bockd.pipeline.records import BaselineRecord, Registrations, SelectionRecord, Summary, read_records
+    from bockd.pipeline.steps import report as run
 
-    from bockd.steps import BASELINE_FILE, read_records
-    from bockd.steps import report as run
-
-    with open(registrations.path) as f:
-        registered = json.load(f)
-    with open(selection.path) as f:
-        chosen = json.load(f)
     rows = run(
         model.path,
         [e.path for e in evaluations],
-        read_records([b.path for b in baselines], BASELINE_FILE),
-        registered,
-        chosen,
+        read_records(BaselineRecord, [b.path for b in baselines]),
+        Registrations.read(registrations.path).registrations,
+        SelectionRecord.read(selection.path),
         report.path,
         tracking_uri=mlflow_tracking_uri,
         run_id=mlflow_run_id,
         pipeline_run_id=pipeline_run_id,
     )
-    with open(summary.path, "w") as f:
-        json.dump(rows, f, indent=2)
+    Summary(rows=rows).write(summary.path)

@@ -15,22 +15,18 @@ def select(
     selection: Output[Artifact],
 ) -> list[int]:
     """Writes the choices with a reason for each; returns the chosen student numbers (1-based)."""
-    import json
+    from bockd.pipeline.records import BaselineRecord, EvaluationRecord, Registrations, read_records
+    from bockd.pipeline.steps import select_students
 
-    from bockd.steps import BASELINE_FILE, EVALUATION_FILE, read_records, select_students
-
-    with open(registrations.path) as f:
-        registered = json.load(f)
     record = select_students(
-        read_records([e.path for e in evaluations], EVALUATION_FILE),
-        read_records([b.path for b in baselines], BASELINE_FILE),
-        registered,
+        read_records(EvaluationRecord, [e.path for e in evaluations]),
+        read_records(BaselineRecord, [b.path for b in baselines]),
+        Registrations.read(registrations.path).registrations,
         selection_policy,
         tracking_uri=mlflow_tracking_uri,
         run_id=mlflow_run_id,
     )
-    with open(selection.path, "w") as f:
-        json.dump(record, f, indent=2)
-    selection.metadata["chosen"] = record["chosen"]
-    print(record["markdown"])
-    return record["chosen"]
+    record.write(selection.path)
+    selection.metadata["chosen"] = record.chosen
+    print(record.markdown)
+    return record.chosen

@@ -15,12 +15,12 @@ def train_baseline(
     metrics: Output[Metrics],
 ) -> float:
     """Trains, exports and evaluates baseline S<student>; returns its test top-1 (%)."""
-    from bockd.steps import checkpoint_prefix
-    from bockd.steps import train_baseline as run
+    from bockd.pipeline.steps import checkpoint_prefix
+    from bockd.pipeline.steps import train_baseline as run
 
     ckpt = checkpoint_prefix(checkpoint_uri, pipeline_run_id, f"baseline-s{student}")
     record = run(train_config, dataset.path, student, model.path, checkpoint_uri=ckpt)
-    metrics.log_metric(f"baseline-s{student}-top1", record["top1"])
-    metrics.log_metric(f"baseline-s{student}-top5", record["top5"])
-    model.metadata.update(record)
-    return record["top1"]
+    metrics.log_metric(f"baseline-s{student}-top1", record.top1)
+    metrics.log_metric(f"baseline-s{student}-top5", record.top5)
+    model.metadata.update(record.model_dump(mode="json", exclude={"format"}))
+    return record.top1

@@ -1,8 +1,8 @@
 """train_distributed: the BOC-KD ensemble on several GPU nodes, as a Kubeflow Trainer TrainJob.
 
 Same inputs and outputs as train_ensemble, plus where and how wide to run. This step's own pod only
-launches and watches the TrainJob (bockd.trainjob): it needs no GPU, and a ServiceAccount allowed to
-create, get and delete trainjobs.trainer.kubeflow.org in ``namespace``.
+launches and watches the TrainJob (bockd.platform.trainjob): it needs no GPU, and a ServiceAccount
+allowed to create, get and delete trainjobs.trainer.kubeflow.org in ``namespace``.
 """
 
 from typing import Any
@@ -41,8 +41,9 @@ def train_distributed(
     ``<pipeline_run_id>/ensemble/``). ``namespace`` empty: this pod's namespace. ``mlflow_secret`` empty:
     none. Returns the student numbers (the evaluate loop runs over them).
     """
-    from bockd.steps import checkpoint_prefix, publish_ensemble
-    from bockd.trainjob import train_distributed as run
+    from bockd.pipeline.records import TrainingResult
+    from bockd.pipeline.steps import checkpoint_prefix, publish_ensemble
+    from bockd.platform.trainjob import train_distributed as run
 
     # A retried step finds the TrainJob of its first attempt; a failed one resumes from this checkpoint.
     ckpt = checkpoint_prefix(checkpoint_uri, pipeline_run_id, "ensemble")
@@ -70,4 +71,4 @@ def train_distributed(
         s3_secret=s3_secret or None,
         mlflow_secret=mlflow_secret or None,
     )
-    return publish_ensemble(out, model, metrics, mlflow_run_id)
+    return publish_ensemble(TrainingResult.model_validate(out), model, metrics, mlflow_run_id)

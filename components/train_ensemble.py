@@ -20,8 +20,8 @@ def train_ensemble(
 
     Returns the student numbers (the evaluate loop runs over them).
     """
-    from bockd.steps import checkpoint_prefix, publish_ensemble
-    from bockd.steps import train_ensemble as run
+    from bockd.pipeline.steps import checkpoint_prefix, publish_ensemble
+    from bockd.pipeline.steps import train_ensemble as run
 
     # A retried pod resumes from the checkpoint this pipeline run left in S3.
     ckpt = checkpoint_prefix(checkpoint_uri, pipeline_run_id, "ensemble")

@@ -114,8 +114,9 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _compile(args: argparse.Namespace, path: Path) -> Path:
-    from bockd.pipeline.pipeline import build_pipeline
     from kfp import compiler
+
+    from bockd.pipeline.pipeline import build_pipeline
 
     compiler.Compiler().compile(build_pipeline(_settings(args)), str(path))
     return path
@@ -143,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         checkpoint_uri=args.checkpoint_uri or "s3://bockd/checkpoints",
     )
     _check_local_data(params.train_config)  # before anything starts; S3 buckets once the store is up
-    from bockd.services import up
+    from bockd.platform.services import up
 
     info = up(state)
     os.environ.update(info.env())  # the bucket check and the prediction below talk to the local stack
@@ -159,7 +160,7 @@ def _check_local_data(train_config: dict[str, Any]) -> None:
     """A local run's tasks read ``data.path`` on this machine: fail now, with the data reader's own
     message, if it cannot hold the dataset (missing path, files or layout), not 40 s into prepare-data."""
     from bockd.data import check_source
-    from bockd.storage import is_s3_uri
+    from bockd.platform.s3 import is_s3_uri
 
     data = train_config["data"]
     if not is_s3_uri(data.get("path")):

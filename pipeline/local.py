@@ -19,11 +19,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
-
-from bockd.pipeline.parameters import RunParameters
+from typing import TextIO
 
 from bockd.errors import BockdError
+from bockd.pipeline.parameters import RunParameters
+from bockd.pipeline.records import Endpoint, Endpoints, Summary, SummaryRow
 
 _TASK_LINE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")  # matched once ANSI codes are gone
 _TASK_START = re.compile(r"Executing task '[\w-]+'")
@@ -42,17 +42,18 @@ class LocalRun:
     log: Path
     outputs: dict[str, str]  # output name -> local path (dataset, report, summary, endpoints)
 
-    def summary(self) -> list[dict[str, Any]]:
-        return json.loads(Path(self.outputs["summary"]).read_text())
+    def summary(self) -> list[SummaryRow]:
+        return Summary.read(self.outputs["summary"]).rows
 
-    def endpoints(self) -> list[dict[str, Any]]:
-        return json.loads(Path(self.outputs["endpoints"]).read_text())
+    def endpoints(self) -> list[Endpoint]:
+        return Endpoints.read(self.outputs["endpoints"]).endpoints
 
 
 def _worker(request_path: str) -> int:
     """Runs in the child process: the pipeline under kfp.local, outputs written to result.json."""
-    from bockd.pipeline.pipeline import PipelineSettings, build_pipeline
     from kfp import local
+
+    from bockd.pipeline.pipeline import PipelineSettings, build_pipeline
 
     request = json.loads(Path(request_path).read_text())
     local.init(
@@ -153,7 +154,7 @@ def failure_message(failure: tuple[str, str] | None, log: Path, returncode: int 
 def run_local(params: RunParameters, state_dir: Path, out: TextIO | None = None) -> LocalRun:
     """Services up, then the whole pipeline on this machine; returns where its outputs are."""
     out = out or sys.stdout  # looked up now: a default bound at import may be a closed capture by now
-    from bockd.services import up
+    from bockd.platform.services import up
 
     info = up(state_dir)
     env = {**os.environ, **info.env()}

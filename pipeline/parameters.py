@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bockd.config import format_validation_errors
 from bockd.errors import BockdError, ConfigError
-from bockd.selection import Policy
-from bockd.storage import check_bucket, endpoint_from_env, is_s3_uri
+from bockd.pipeline.selection import Policy
+from bockd.platform.s3 import check_bucket, endpoint_from_env, is_s3_uri
 
 log = logging.getLogger("bockd.pipeline")
 
@@ -25,8 +25,8 @@ CLUSTER_MLFLOW_URI = "http://mlflow.bockd.svc.cluster.local:5000"  # the MLflow 
 
 def _check_deploy_options(options: dict[str, Any]) -> None:
     """Unknown keys or values an InferenceService would refuse fail here, not in the deploy step."""
-    from bockd.serving.deploy import DeploySpec
-    from bockd.steps import check_deploy_option_keys
+    from bockd.pipeline.steps import check_deploy_option_keys
+    from bockd.platform.inference_service import DeploySpec
 
     check_deploy_option_keys(options)
     spec = {k: v for k, v in options.items() if k not in ("timeout_s", "poll_s")}

@@ -8,18 +8,13 @@ baselines, selection policy, MLflow target, deploy mode) is a pipeline parameter
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from bockd.components import make_components
-from bockd.pipeline.parameters import CLUSTER_MLFLOW_URI
-from bockd.pipeline.settings import (
-    MLFLOW_SECRET_KEYS,
-    PIPELINE_NAME,
-    S3_SECRET_KEYS,
-    GpuNode,
-    PipelineSettings,
-)
 from kfp import dsl, kubernetes
 
+from bockd.components import make_components
 from bockd.config import build_config
+from bockd.pipeline.parameters import CLUSTER_MLFLOW_URI
+from bockd.pipeline.settings import PIPELINE_NAME, GpuNode, PipelineSettings
+from bockd.platform.credentials import MLFLOW_SECRET_KEYS, S3_SECRET_KEYS
 
 
 def config_parameter(raw: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Compile-time settings of the pipeline: images, the GPU node, secrets, retries (no kfp import)."""
+"""Compile-time settings of the pipeline: images, the GPU node, secrets, retries (no kfp import).
+
+The keys the S3 and MLflow Secrets hold are `bockd.platform.credentials`' (the tasks see them under the same
+names).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,6 @@ from dataclasses import dataclass, field
 PIPELINE_NAME = "bockd"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/bockd/bockd-trainer:0.1.0"
 DEFAULT_SERVING_IMAGE = "ghcr.io/bockd/bockd-serving:0.1.0"  # the ServingRuntime's (manifests/)
-# Keys the S3 secret must hold; the tasks see them under the same names.
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-# Optional keys of the MLflow secret (a tracking server behind basic auth or a token).
-MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 # The object store Kubeflow Pipelines ships: SeaweedFS since KFP 2.16 removed MinIO (kubeflow/pipelines
 # PR #12613), the Service seaweedfs in kubeflow with S3 on port 9000 (tag 2.16.0:
 # manifests/kustomize/third-party/seaweedfs/base/seaweedfs/seaweedfs-service.yaml lines 6-7, 18-21;

@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 from bockd.pipeline.local import LocalRun
+from bockd.pipeline.records import Endpoint, SummaryRow
+from bockd.pipeline.report import format_gain, format_optional, noise_legend
 
-from bockd.report import format_gain, format_optional, noise_legend
 
-
-def summary_table(rows: list[dict[str, Any]], endpoints: list[dict[str, Any]]) -> str:
+def summary_table(rows: list[SummaryRow], endpoints: list[Endpoint]) -> str:
     """Markdown: student, params, size %, top-1, baseline top-1, gain, MLflow version, endpoint."""
-    urls = {int(e["student"]): e["url"] for e in endpoints}
+    urls = {e.student: e.url for e in endpoints}
     lines = [
         "| student | params | size % | top-1 % | baseline top-1 % | gain | MLflow version | endpoint |",
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        version = f"{r['model']} v{r['version']}" if r.get("version") else "-"
+        version = f"{r.registered_model} v{r.version}" if r.version else "-"
         lines.append(
-            f"| {r['student']}{' *' if r['selected'] else ''} | {r['params']:,} | {r['size_pct']:.2f} | "
-            f"{r['top1']:.2f} | {format_optional(r['baseline_top1'], '.2f')} | "
+            f"| {r.label}{' *' if r.selected else ''} | {r.params:,} | {r.size_pct:.2f} | "
+            f"{r.top1:.2f} | {format_optional(r.baseline_top1, '.2f')} | "
             f"{format_gain(r)} | "
-            f"{version} | {urls.get(r['number'], '-')} |"
+            f"{version} | {urls.get(r.student, '-')} |"
         )
     legend = noise_legend(rows)
     return "\n".join(lines) + (f"\n{legend}" if legend else "")
@@ -32,7 +32,7 @@ def summary_table(rows: list[dict[str, Any]], endpoints: list[dict[str, Any]]) -
 PROBE_IMAGES = 8  # the first test images, sent in one request: each answer shown, right or wrong
 
 
-def predict_once(run: LocalRun, endpoints: list[dict[str, Any]], n: int = PROBE_IMAGES) -> list[str]:
+def predict_once(run: LocalRun, endpoints: list[Endpoint], n: int = PROBE_IMAGES) -> list[str]:
     """Send the first ``n`` test images to every endpoint in one V1 request; a line per endpoint, then one
     per image (true class, top-1 answer and its probability, right or wrong)."""
     from bockd.data import ImageDataset
@@ -43,10 +43,10 @@ def predict_once(run: LocalRun, endpoints: list[dict[str, Any]], n: int = PROBE_
     images, labels = test.test.x[:n], [int(y) for y in test.test.y[:n]]
     lines = []
     for e in endpoints:
-        answers = predict_v1(e["url"], e["name"], list(images))
+        answers = predict_v1(e.url, e.registered_model, list(images))
         tops = [a["top_k"][0] for a in answers]
         right = sum(t["class"] == classes[y] for t, y in zip(tops, labels, strict=True))
-        where = f"{e['name']} at {e['url']}"
+        where = f"{e.registered_model} at {e.url}"
         lines.append(f"prediction: {where}: the first {len(labels)} test images, {right} right")
         for i, (top, y) in enumerate(zip(tops, labels, strict=True)):
             verdict = "right" if top["class"] == classes[y] else "wrong"

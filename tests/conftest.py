@@ -24,7 +24,7 @@ import torch
 from bockd.config import build_config
 from bockd.data import ImageDataset, load_dataset
 from bockd.engine import Trainer
-from bockd.services import ServicesInfo, down, up
+from bockd.platform.services import ServicesInfo, down, up
 
 NUM_STUDENTS = 3
 BASELINE_STUDENT = 1  # 0-based: the baseline run is S2's

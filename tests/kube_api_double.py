@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qs
 
-from bockd.serving.crd import CrdValidationError, crd_schema, prune, strict_error, validate_against_crd
+from bockd.platform.kube.crd import CrdValidationError, crd_schema, prune, strict_error, validate_against_crd
 
-# The CRDs bockd's resources must satisfy: ../shared/schemas beside the checkout (CI puts it there too),
-# KServe v0.20.0 and Kubeflow Trainer main (see its PROVENANCE.md). Tests read every CRD from here.
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+# The CRDs bockd's resources must satisfy, vendored in tests/crds: KServe v0.20.0 and Kubeflow Trainer
+# (tests/crds/PROVENANCE.md). Tests read every CRD from here.
+SCHEMAS = Path(__file__).resolve().parent / "crds"
 ISVC_CRD = SCHEMAS / "serving.kserve.io_inferenceservices.yaml"
 TRAINJOB_CRD = SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml"
 # The Role the pipeline's steps run with: every request a test makes through bockd must be allowed by it.

@@ -248,13 +248,12 @@ def test_services_up_refuses_a_taken_port_before_starting_anything(tmp_path: Pat
 def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Starting the services or the pipeline fails the test: the pre-flight must refuse first."""
     import bockd.pipeline.local
-
-    import bockd.services
+    import bockd.platform.services
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the services or the pipeline started")
 
-    monkeypatch.setattr(bockd.services, "up", forbidden)
+    monkeypatch.setattr(bockd.platform.services, "up", forbidden)
     monkeypatch.setattr(bockd.pipeline.local, "run_local", forbidden)
 
 

@@ -35,21 +35,21 @@ from kube_api_double import (
 )
 
 from bockd.errors import BockdError, ConfigError
-from bockd.serving.crd import CrdValidationError, crd_schema, prune_unknown_fields, validate_against_crd
-from bockd.serving.deploy import (
+from bockd.platform.inference_service import (
     ANNOTATION_STABLE_URI,
     ANNOTATION_VERSION,
     DEPLOYMENT_MODE_ANNOTATION,
     LABEL_VERSION,
     DeployError,
     DeploySpec,
-    KubeApi,
+    InferenceServiceApi,
     Resources,
     build_inference_service,
     deploy_inference_service,
     load_kube_config,
     normalize_name,
 )
+from bockd.platform.kube.crd import CrdValidationError, crd_schema, prune_unknown_fields, validate_against_crd
 
 CRD = ISVC_CRD
 
@@ -571,15 +571,15 @@ def fake() -> Iterator[FakeKServe]:
 
 
 @pytest.fixture
-def api(fake: FakeKServe) -> KubeApi:
-    return KubeApi.from_config(client_configuration(fake))
+def api(fake: FakeKServe) -> InferenceServiceApi:
+    return InferenceServiceApi.from_config(client_configuration(fake))
 
 
 def spec_for(uri: str = URI_V1, **kwargs: Any) -> DeploySpec:
     return DeploySpec.for_model(MODEL, NS, uri, mlflow_run_id="run123", **kwargs)
 
 
-def deploy(api: KubeApi, spec: DeploySpec, version: str, timeout_s: float = 5.0) -> Any:
+def deploy(api: InferenceServiceApi, spec: DeploySpec, version: str, timeout_s: float = 5.0) -> Any:
     return deploy_inference_service(api, spec, version, timeout_s=timeout_s, poll_s=POLL)
 
 
@@ -801,7 +801,7 @@ def test_double_takes_observed_generation_from_the_child(fake: FakeKServe) -> No
 # ------------------------------------------------------------------------------------------ deploying
 
 
-def test_create_posts_the_built_isvc_and_waits_for_ready(fake: FakeKServe, api: KubeApi) -> None:
+def test_create_posts_the_built_isvc_and_waits_for_ready(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double (no Kubernetes API server can run here): create, poll until Ready, URL."""
     spec = spec_for()
     result = deploy(api, spec, "1")
@@ -816,7 +816,7 @@ def test_create_posts_the_built_isvc_and_waits_for_ready(fake: FakeKServe, api: 
     assert result.revision == f"{MODEL}-predictor-00001"
 
 
-def test_create_that_fails_raises_without_a_rollback(fake: FakeKServe, api: KubeApi) -> None:
+def test_create_that_fails_raises_without_a_rollback(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double (no Kubernetes API server can run here): nothing to roll back to."""
     fake.failing.add(BAD_URI)
     with pytest.raises(DeployError, match="RevisionFailed") as e:
@@ -826,7 +826,7 @@ def test_create_that_fails_raises_without_a_rollback(fake: FakeKServe, api: Kube
 
 
 def test_knative_canary_then_promotion(
-    fake: FakeKServe, api: KubeApi, caplog: pytest.LogCaptureFixture
+    fake: FakeKServe, api: InferenceServiceApi, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Through the test double (no Kubernetes API server can run here): 10 % canary, then 100 %."""
     served(fake, spec_for(URI_V1), "1")
@@ -853,7 +853,9 @@ def test_knative_canary_then_promotion(
         validate_against_crd(obj, CRD)
 
 
-def test_knative_gate_never_passes_on_the_previous_revisions_status(fake: FakeKServe, api: KubeApi) -> None:
+def test_knative_gate_never_passes_on_the_previous_revisions_status(
+    fake: FakeKServe, api: InferenceServiceApi
+) -> None:
     """Through the test double: the Knative Service's generation is not the ISVC's (a label change made a
     revision, the ISVC's generation stayed), so a gate on observedGeneration passes on the stale status of
     the previous revision; a failing new revision must still be caught and rolled back."""
@@ -868,7 +870,7 @@ def test_knative_gate_never_passes_on_the_previous_revisions_status(fake: FakeKS
     assert fake.objects[NS, MODEL]["spec"]["predictor"]["model"]["storageUri"] == URI_V1
 
 
-def test_rollback_on_revision_failed(fake: FakeKServe, api: KubeApi) -> None:
+def test_rollback_on_revision_failed(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double (no Kubernetes API server can run here): a bad storageUri is rolled back."""
     served(fake, spec_for(URI_V1), "1")
     fake.failing.add(BAD_URI)
@@ -890,7 +892,7 @@ def test_rollback_on_revision_failed(fake: FakeKServe, api: KubeApi) -> None:
         validate_against_crd(obj, CRD)
 
 
-def test_timeout_rolls_back(fake: FakeKServe, api: KubeApi) -> None:
+def test_timeout_rolls_back(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double (no Kubernetes API server can run here): a version that never gets ready."""
     served(fake, spec_for(URI_V1), "1")
     fake.hanging.add(URI_V2)
@@ -902,7 +904,7 @@ def test_timeout_rolls_back(fake: FakeKServe, api: KubeApi) -> None:
     assert fake.objects[NS, MODEL]["spec"]["predictor"]["model"]["storageUri"] == URI_V1
 
 
-def test_failed_rollback_says_so(fake: FakeKServe, api: KubeApi) -> None:
+def test_failed_rollback_says_so(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double (no Kubernetes API server can run here): no promise that anything serves."""
     served(fake, spec_for(URI_V1), "1")
     fake.failing.update({URI_V1, BAD_URI})  # the old artifacts are gone too
@@ -911,7 +913,7 @@ def test_failed_rollback_says_so(fake: FakeKServe, api: KubeApi) -> None:
     assert "keeps serving" not in str(e.value)
 
 
-def test_same_version_is_a_no_op(fake: FakeKServe, api: KubeApi) -> None:
+def test_same_version_is_a_no_op(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double (no Kubernetes API server can run here): re-running deploy sends no PATCH."""
     served(fake, spec_for(URI_V1), "1")
     result = deploy(api, spec_for(URI_V1), "1")
@@ -919,7 +921,7 @@ def test_same_version_is_a_no_op(fake: FakeKServe, api: KubeApi) -> None:
     assert result.url == _url(MODEL, NS) and not result.changed and result.previous_version == "1"
 
 
-def test_interrupted_canary_rolls_back_to_the_stable_uri(fake: FakeKServe, api: KubeApi) -> None:
+def test_interrupted_canary_rolls_back_to_the_stable_uri(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double (no Kubernetes API server can run here): a canary a dead run left behind."""
     served(fake, spec_for(URI_V1), "1")
     half = {"spec": {"predictor": {"canaryTrafficPercent": 10, "model": {"storageUri": URI_V2}}}}
@@ -930,7 +932,7 @@ def test_interrupted_canary_rolls_back_to_the_stable_uri(fake: FakeKServe, api: 
     assert fake.objects[NS, MODEL]["spec"]["predictor"]["model"]["storageUri"] == URI_V1
 
 
-def test_a_different_deployment_mode_is_refused(fake: FakeKServe, api: KubeApi) -> None:
+def test_a_different_deployment_mode_is_refused(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double (no Kubernetes API server can run here): KServe cannot switch modes."""
     served(fake, spec_for(URI_V1), "1")
     with pytest.raises(DeployError, match="delete it first"):
@@ -938,7 +940,7 @@ def test_a_different_deployment_mode_is_refused(fake: FakeKServe, api: KubeApi) 
     assert fake.calls("PATCH") == []
 
 
-def test_standard_mode_canary_passes_kserve_webhook(fake: FakeKServe, api: KubeApi) -> None:
+def test_standard_mode_canary_passes_kserve_webhook(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double: a spec.canary entry KServe admits (no autoscaling fields), waited for on
     its canaryStatuses entry, promoted by renaming the predictor; the Deployment of the promoted predictor
     has rolled out before the step returns."""
@@ -965,7 +967,9 @@ def test_standard_mode_canary_passes_kserve_webhook(fake: FakeKServe, api: KubeA
         validate_against_crd(obj, CRD)
 
 
-def test_standard_mode_canary_that_never_gets_ready_is_removed(fake: FakeKServe, api: KubeApi) -> None:
+def test_standard_mode_canary_that_never_gets_ready_is_removed(
+    fake: FakeKServe, api: InferenceServiceApi
+) -> None:
     """Through the test double: KServe reports no failure of a canary (its entry just stays not ready),
     so the step times out and removes it; the stable predictor never changed."""
     served(fake, spec_for(URI_V1, deployment_mode="Standard"), "1")
@@ -979,7 +983,7 @@ def test_standard_mode_canary_that_never_gets_ready_is_removed(fake: FakeKServe,
     assert (NS, f"{MODEL}-v2-predictor") not in fake.deployments
 
 
-def test_standard_mode_without_canary_rolls_in_one_step(fake: FakeKServe, api: KubeApi) -> None:
+def test_standard_mode_without_canary_rolls_in_one_step(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double (no Kubernetes API server can run here): one patch, the Deployment rolls;
     the step returns once the Deployment has rolled out (not when the ISVC first says Ready)."""
     served(fake, spec_for(URI_V1, deployment_mode="Standard"), "1")
@@ -994,7 +998,9 @@ def test_standard_mode_without_canary_rolls_in_one_step(fake: FakeKServe, api: K
     assert deployment["status"]["updatedReplicas"] == deployment["status"]["availableReplicas"] == 1
 
 
-def test_standard_mode_rolling_update_that_stalls_is_rolled_back(fake: FakeKServe, api: KubeApi) -> None:
+def test_standard_mode_rolling_update_that_stalls_is_rolled_back(
+    fake: FakeKServe, api: InferenceServiceApi
+) -> None:
     """Through the test double: while new pods crash the old ones keep the ISVC Ready (PropagateRawStatus
     follows Available), so success is decided on the Deployment: past its progress deadline it failed."""
     served(fake, spec_for(URI_V1, deployment_mode="Standard"), "1")
@@ -1005,7 +1011,9 @@ def test_standard_mode_rolling_update_that_stalls_is_rolled_back(fake: FakeKServ
     assert deployment.template["annotations"][SOURCE_URI_ANNOTATION] == URI_V1
 
 
-def test_a_refused_patch_fails_clearly_and_changes_nothing(fake: FakeKServe, api: KubeApi) -> None:
+def test_a_refused_patch_fails_clearly_and_changes_nothing(
+    fake: FakeKServe, api: InferenceServiceApi
+) -> None:
     """Through the test double: an admission webhook denies the rollout's first patch (HTTP 403): the step
     fails with the webhook's message, nothing was changed and nothing is rolled back."""
     served(fake, spec_for(URI_V1, deployment_mode="Standard"), "1")
@@ -1018,7 +1026,7 @@ def test_a_refused_patch_fails_clearly_and_changes_nothing(fake: FakeKServe, api
     assert len(fake.calls("PATCH")) == 1  # no rollback of what never happened
 
 
-def test_a_refused_promotion_removes_the_canary(fake: FakeKServe, api: KubeApi) -> None:
+def test_a_refused_promotion_removes_the_canary(fake: FakeKServe, api: InferenceServiceApi) -> None:
     """Through the test double: the canary was admitted, the promotion is denied: the canary goes and the
     previous version keeps serving."""
     served(fake, spec_for(URI_V1, deployment_mode="Standard"), "1")
@@ -1036,7 +1044,7 @@ def test_a_refused_promotion_removes_the_canary(fake: FakeKServe, api: KubeApi) 
 
 
 def test_kserve_without_spec_canary_rolls_out_in_one_step(
-    api: KubeApi, caplog: pytest.LogCaptureFixture
+    api: InferenceServiceApi, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Through the test double with the CRD of KServe 0.16-0.19 (no spec.canary): the API server refuses
     the unknown field under strict validation, and the step rolls out in one step and says so."""
@@ -1045,7 +1053,7 @@ def test_kserve_without_spec_canary_rolls_out_in_one_step(
         schema=without(crd_schema(CRD, "v1beta1"), "spec", "canary"),
     )
     with serve_api(old_kserve) as fake:
-        api = KubeApi.from_config(client_configuration(fake))
+        api = InferenceServiceApi.from_config(client_configuration(fake))
         served(fake, spec_for(URI_V1, deployment_mode="Standard"), "1")
         with caplog.at_level(logging.WARNING, logger="bockd.deploy"):
             result = deploy(api, spec_for(URI_V2, deployment_mode="Standard"), "2")
@@ -1055,7 +1063,7 @@ def test_kserve_without_spec_canary_rolls_out_in_one_step(
 
 
 def test_same_files_under_a_new_version_move_the_label_without_a_canary(
-    fake: FakeKServe, api: KubeApi
+    fake: FakeKServe, api: InferenceServiceApi
 ) -> None:
     """Through the test double (no Kubernetes API server can run here): no new revision, so no canary."""
     served(fake, spec_for(URI_V1), "1")
@@ -1070,7 +1078,9 @@ def test_same_files_under_a_new_version_move_the_label_without_a_canary(
 # --------------------------------------------------------------------------- the S3 account, per namespace
 
 
-def test_a_namespace_without_the_s3_account_fails_before_any_change(fake: FakeKServe, api: KubeApi) -> None:
+def test_a_namespace_without_the_s3_account_fails_before_any_change(
+    fake: FakeKServe, api: InferenceServiceApi
+) -> None:
     """Through the test double: KServe would download with no credentials (it ignores a missing account),
     so the step refuses first and says how to create it."""
     fake.service_accounts.clear()
@@ -1084,7 +1094,7 @@ def test_a_namespace_without_the_s3_account_fails_before_any_change(fake: FakeKS
 
 
 def test_an_account_that_cannot_be_read_is_not_checked(
-    fake: FakeKServe, api: KubeApi, caplog: pytest.LogCaptureFixture
+    fake: FakeKServe, api: InferenceServiceApi, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Through the test double: without RBAC to read ServiceAccounts the step warns and deploys."""
     fake.service_accounts_forbidden = True
@@ -1111,7 +1121,7 @@ def test_kubeconfig_is_used_outside_a_cluster(
     path.write_text(json.dumps(kubeconfig))  # JSON is YAML
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
-    result = deploy(KubeApi.from_config(), spec_for(), "1")
+    result = deploy(InferenceServiceApi.from_config(), spec_for(), "1")
     assert result.url == _url(MODEL, NS)
     assert {r.authorization for r in fake.requests} == {"Bearer t0ken"}
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "missing"))
@@ -1131,10 +1141,11 @@ def test_the_pipeline_deploy_step_in_cluster_mode(
     from kubernetes.config import kube_config
     from mlflow import MlflowClient
 
-    from bockd import steps
     from bockd.export import export_student
-    from bockd.model_registry import register_student
-    from bockd.storage import S3Uri, client
+    from bockd.pipeline import steps
+    from bockd.pipeline.records import Endpoint, Registration
+    from bockd.platform.model_registry import register_student
+    from bockd.platform.s3 import S3Uri, client
 
     model_dir = tmp_path / "model"
     export_student(ensemble_run, steps.student_dir(model_dir, 2), index=1)
@@ -1154,17 +1165,15 @@ def test_the_pipeline_deploy_step_in_cluster_mode(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "kubeconfig"))
 
-    registrations = [{"student": 2, "name": reg.name, "version": reg.version}]
-    options = {
-        "namespace": NS,
-        "tracking_uri": mlflow_stack.mlflow_uri,
-        "artifacts_destination": "s3://bockd/mlflow",
-        "poll_s": POLL,
-        "canary_traffic_percent": 20,
-    }
-    records = steps.deploy(model_dir, [2], registrations, mode="cluster", cluster_options=options)
+    registrations = [Registration(student=2, registered_model=reg.name, version=reg.version, created=True)]
+    # Where to serve and the MLflow server are the step's own parameters, never deploy_options keys.
+    target = steps.ClusterTarget(NS, mlflow_stack.mlflow_uri, "s3://bockd/mlflow")
+    options = {"poll_s": POLL, "canary_traffic_percent": 20}
+    served = steps.deploy(
+        model_dir, [2], registrations, mode="cluster", cluster=target, deploy_options=options
+    )
     name = normalize_name(reg.name)
-    assert records == [{"student": 2, "name": reg.name, "version": reg.version, "url": _url(name, NS)}]
+    assert served == [Endpoint(student=2, registered_model=reg.name, version=reg.version, url=_url(name, NS))]
 
     isvc = fake.objects[(NS, name)]
     uri = isvc["spec"]["predictor"]["model"]["storageUri"]
@@ -1177,5 +1186,14 @@ def test_the_pipeline_deploy_step_in_cluster_mode(
     assert isvc["metadata"]["labels"]["bockd.io/model-version"] == reg.version
     with pytest.raises(ConfigError, match="deploy_options: unknown keys"):
         steps.deploy(
-            model_dir, [2], registrations, mode="cluster", cluster_options={**options, "replicas": 2}
+            model_dir,
+            [2],
+            registrations,
+            mode="cluster",
+            cluster=target,
+            deploy_options={**options, "replicas": 2},
+        )
+    with pytest.raises(ConfigError, match="deploy_options: unknown keys"):  # no internal key rides along
+        steps.deploy(
+            model_dir, [2], registrations, mode="cluster", cluster=target, deploy_options={"namespace": NS}
         )

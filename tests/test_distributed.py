@@ -35,6 +35,7 @@ from bockd.data import BatchLoader, load_dataset
 from bockd.engine import Trainer
 from bockd.errors import ConfigError
 from bockd.losses import LossOutput
+from bockd.models import create_model
 
 WORLD = 2
 N_TRAIN = 701  # 10 global batches of 64 + one of 61: the last splits 31 / 30 (uneven shards)
@@ -98,6 +99,9 @@ class ReferenceTrainer(Trainer):
         return total, [torch.cat(z) for z in zip(*logits, strict=True)]
 
 
+PRESET = "smoke-paper"  # the paper's loss: every term, the hint adapters included, crosses the ranks
+
+
 # -- the worker (one per rank) ---------------------------------------------------------------------------
 class _Recorder:
     """Writes which rank called which hook, and keeps a copy of every checkpoint (outside the workdir)."""
@@ -129,6 +133,7 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--baseline", action="store_true", help="train S2's baseline instead")
     parser.add_argument("--runtime", default="{}", help="runtime overrides as JSON")
+    parser.add_argument("--preset", default=PRESET)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.marks.mkdir(parents=True, exist_ok=True)
@@ -138,7 +143,9 @@ def _worker(argv: list[str]) -> None:
     from bockd.engine import train
 
     over = {"mode": "baseline", "student": 1} if args.baseline else {}
-    config = build_config("smoke", _overrides(json.loads(args.runtime), batch_size=args.batch_size, **over))
+    config = build_config(
+        args.preset, _overrides(json.loads(args.runtime), batch_size=args.batch_size, **over)
+    )
     train(config, args.workdir, callbacks=[_Recorder(args.marks)], dataset=_dataset())
 
 
@@ -183,7 +190,7 @@ def reference_run(dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     """ReferenceTrainer's run, and a folder with a copy of its checkpoint after every epoch."""
     root = tmp_path_factory.mktemp("reference")
     (root / "marks").mkdir()
-    config = build_config("smoke", _overrides())
+    config = build_config(PRESET, _overrides())
     ReferenceTrainer(config, dataset, root / "run", callbacks=[_Recorder(root / "marks")]).fit()
     return root / "run", root / "marks"
 
@@ -222,7 +229,7 @@ def test_two_ranks_match_the_single_process_reference(ddp_run, reference_run) ->
 
 def test_two_ranks_stay_close_to_a_plain_single_process_run(ddp_run, dataset, tmp_path: Path) -> None:
     """Whole-batch vs half-batch BatchNorm statistics: a real but small difference in the loss curve."""
-    plain = Trainer(build_config("smoke", _overrides()), dataset, tmp_path).fit().history
+    plain = Trainer(build_config(PRESET, _overrides()), dataset, tmp_path).fit().history
     ddp = _history(ddp_run[0])
     for a, b in zip(ddp, plain, strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=0.05)
@@ -245,7 +252,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(ddp_run, dataset, tmp_path: 
     the 2-rank run ended."""
     workdir, marks, _ = ddp_run
     shutil.copy(marks / "checkpoint-epoch1.pt", tmp_path / "checkpoint.pt")
-    trainer = ReferenceTrainer(build_config("smoke", _overrides()), dataset, tmp_path)
+    trainer = ReferenceTrainer(build_config(PRESET, _overrides()), dataset, tmp_path)
     result = trainer.fit()
     assert trainer.start_epoch == 1
     ddp = _history(workdir)
@@ -270,10 +277,28 @@ def test_baseline_mode_runs_under_two_ranks(dataset, tmp_path: Path) -> None:
     """A single student (no adapters) under DDP: same loss curve as a plain run to the BN effect."""
     _launch(tmp_path / "run", tmp_path / "marks", "--baseline")
     ddp = _history(tmp_path / "run")
-    plain = Trainer(build_config("smoke", _overrides(mode="baseline", student=1)), dataset, tmp_path / "p")
+    plain = Trainer(build_config(PRESET, _overrides(mode="baseline", student=1)), dataset, tmp_path / "p")
     for a, b in zip(ddp, plain.fit().history, strict=True):
         assert set(a) == set(b)
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=0.05)
+
+
+def test_the_default_recipe_without_hint_trains_under_two_ranks(dataset, tmp_path: Path) -> None:
+    """bockd's recipe has no hint term: its adapters get no gradient, so they are frozen and DDP (run with
+    find_unused_parameters off) must not wait for them. The same math as one process, adapters unchanged."""
+    _launch(tmp_path / "run", tmp_path / "marks", "--preset", "smoke")
+    config = build_config("smoke", _overrides())
+    ReferenceTrainer(config, dataset, tmp_path / "ref").fit()
+    for a, b in zip(_history(tmp_path / "run"), _history(tmp_path / "ref"), strict=True):
+        assert a["train/s2/hint"] == 0.0 and a["train/s2/kd"] > 0
+        for key in ("train/loss", "train/s1/ce", "train/s2/ce", "train/s1/kd"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    trained = _weights(tmp_path / "run")
+    assert _max_diff(trained, _weights(tmp_path / "ref")) <= ATOL
+    torch.manual_seed(config.seed)  # the initial weights, as the Trainer draws them
+    initial = create_model("resnet20", num_classes=10, in_channels=1, num_students=2).state_dict()
+    for key in (k for k in trained if k.startswith("adapters.")):
+        assert torch.equal(trained[key], initial[key]), key
 
 
 def test_batch_size_not_divisible_by_world_size_is_a_clear_error(tmp_path: Path) -> None:
@@ -302,7 +327,7 @@ def test_sync_batchnorm_makes_two_gpus_train_like_one_process(dataset, tmp_path:
     _launch(tmp_path / "run", tmp_path / "marks", "--runtime", json.dumps(runtime))
     log = (tmp_path / "marks" / "log-rank0.txt").read_text()
     assert "SyncBatchNorm: statistics over all 2 ranks" in log
-    plain = Trainer(build_config("smoke", _overrides(CUDA_FP32)), dataset, tmp_path / "one").fit().history
+    plain = Trainer(build_config(PRESET, _overrides(CUDA_FP32)), dataset, tmp_path / "one").fit().history
     for a, b in zip(_history(tmp_path / "run"), plain, strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-3)
         assert a["test/ensemble/top1"] == pytest.approx(b["test/ensemble/top1"], abs=1.0)

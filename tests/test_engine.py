@@ -41,7 +41,7 @@ def few(digits):
 
 def _config(**over):
     merged = {**TINY, **over}
-    return build_config("smoke", merged)
+    return build_config("smoke-paper", merged)  # the paper's loss: every term (hint included) is exercised
 
 
 def test_ensemble_run_learns_and_reports_every_student(digits, tmp_path: Path) -> None:

@@ -204,3 +204,55 @@ def test_cuda_test_files_are_found(gc) -> None:
     files = gc.cuda_test_files()
     assert "tests/test_gpu_path.py" in files and "tests/test_data.py" in files
     assert "tests/test_gpu_check.py" not in files
+
+
+def _study_args(gc, tmp_path: Path) -> SimpleNamespace:
+    import yaml
+
+    study = tmp_path / "stage.yaml"
+    recipes = {"paper": {"preset": "paper-cifar10"}, "bockd": {"preset": "bockd-cifar10"}}
+    common = {"batch_size": 16, "runtime": {"progress": "off"}}
+    spec = {"dataset": "cifar10", "num_students": 2, "seeds": [0], "epochs": 2, "baselines": [2]}
+    study.write_text(yaml.safe_dump({**spec, "common": common, "recipes": recipes}, sort_keys=False))
+    return SimpleNamespace(study=str(study), arch="resnet20", device="cpu", no_cuda_graph=True, set=None)
+
+
+def test_a_study_trains_within_the_budget_and_its_runs_travel_in_the_state(gc, tmp_path: Path) -> None:
+    """Stage B's path on the GPU machine: the study's runs (nested under study/runs/seed-0/) train within
+    the call's budget, their state goes out and comes back by relative path, the comparison is written."""
+    data = tmp_path / "cifar10"
+    _fake_cifar(data)
+    args, runs = _study_args(gc, tmp_path), tmp_path / "work" / "runs"
+    report = gc.Report("now")
+    gc.phase_study(
+        args, gc.Budget(time.monotonic() + 600, reserve=0), data, runs, report, False, lambda: None
+    )
+    study = json.loads((runs / "study" / "study.json").read_text())
+    assert [(row["recipe"], row["seeds"]) for row in study["recipes"]] == [("paper", [0]), ("bockd", [0])]
+    assert len(gc.run_dirs(runs)) == 4  # two ensembles, each schedule's S2 baseline
+    assert any(line.startswith("bockd: seeds [0]: S2 ") for line in report.lines["Study"])
+
+    out = tmp_path / "out"
+    (tmp_path / "work" / "results").mkdir()  # cmd_run makes it before any phase
+    gc.write_out(out, tmp_path / "work", report)
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    for tar in out.glob("state-*.tar"):
+        tar.rename(carried / tar.name)
+    fresh = tmp_path / "fresh" / "runs"
+    restored = gc.restore_state(carried, fresh)
+    assert sorted(p.relative_to(fresh) for p in gc.run_dirs(fresh)) == sorted(
+        p.relative_to(runs) for p in gc.run_dirs(runs)
+    )
+    assert all(name.startswith("study/runs/seed-0/") for name in restored)
+
+
+def test_a_study_out_of_time_starts_nothing_and_writes_no_table(gc, tmp_path: Path) -> None:
+    data = tmp_path / "cifar10"
+    _fake_cifar(data)
+    report, runs = gc.Report("now"), tmp_path / "runs"
+    gc.phase_study(
+        _study_args(gc, tmp_path), gc.Budget(time.monotonic(), 0), data, runs, report, False, lambda: None
+    )
+    assert all("not started, out of time" in line for line in report.lines["Study"])
+    assert not (runs / "study" / "study.md").exists() and gc.run_dirs(runs) == []

@@ -2,7 +2,7 @@
 
 Every overlay (and the base) is built with ``kubectl kustomize``; each document is validated: built-in kinds
 against the Kubernetes OpenAPI schemas shipped by ``kubernetes-validate`` (strict: unknown fields fail),
-KServe and Kubeflow Trainer resources against their real CRDs in ``shared/schemas``. Then the properties
+KServe and Kubeflow Trainer resources against their real CRDs in ``tests/crds``. Then the properties
 that matter on a cluster: pinned images, non-root containers, no credentials in the build, the RBAC the
 deploy step needs, KServe's S3 service account, the kfp-launcher config, and serving args that
 ``python -m bockd.serving`` really accepts.
@@ -24,14 +24,15 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from bockd.pipeline.parameters import CLUSTER_MLFLOW_URI
-from bockd.pipeline.settings import DEFAULT_S3_ENDPOINT, DEFAULT_SERVING_IMAGE, S3_SECRET_KEYS
 
-from bockd.serving.crd import validate_against_crd
+from bockd.pipeline.parameters import CLUSTER_MLFLOW_URI
+from bockd.pipeline.settings import DEFAULT_S3_ENDPOINT, DEFAULT_SERVING_IMAGE
+from bockd.platform.credentials import S3_SECRET_KEYS
+from bockd.platform.kube.crd import validate_against_crd
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+SCHEMAS = Path(__file__).resolve().parent / "crds"  # vendored: tests/crds/PROVENANCE.md
 KUBERNETES_VERSION = "1.32"  # the schema set of kubernetes-validate used for built-in kinds
 NAMESPACE = "bockd"
 BUILDS = ["base", "overlays/dev", "overlays/production-gpu"]
@@ -39,7 +40,7 @@ OVERLAYS = ["overlays/dev", "overlays/production-gpu"]
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with kustomize) is not installed")
 
-# apiVersion group -> CRD files (one per kind) in shared/schemas
+# apiVersion group -> CRD files (one per kind) in tests/crds
 CRD_GROUPS = ("serving.kserve.io", "trainer.kubeflow.org")
 CLUSTER_SCOPED = {"Namespace", "ClusterServingRuntime", "ClusterRole", "ClusterRoleBinding"}
 PLACEHOLDER = "REPLACE_ME"

@@ -9,8 +9,8 @@ import yaml
 from mlflow import MlflowClient
 
 from bockd.export import export_student, read_student_config
-from bockd.model_registry import CHAMPION, promote_champion, register_student, registered_model_name
-from bockd.services import ServicesInfo
+from bockd.platform.model_registry import CHAMPION, promote_champion, register_student, registered_model_name
+from bockd.platform.services import ServicesInfo
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,8 @@ def test_a_registry_that_fails_to_answer_is_never_read_as_no_champion(
     @champion to a worse model (the case in ../shared/cases/registry-transient-error)."""
     from mlflow.exceptions import MlflowException
 
-    from bockd.steps import select_students
+    from bockd.pipeline.records import EvaluationRecord, Registration
+    from bockd.pipeline.steps import select_students
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast instead of MLflow's back-off
     flaky = _FlakyRegistry(mlflow_stack.mlflow_uri)
@@ -135,22 +136,31 @@ def test_a_registry_that_fails_to_answer_is_never_read_as_no_champion(
     versions = [register_student(client, r, exported, prefix="t3", dataset="digits") for r in runs]
     name = versions[0].name
     assert promote_champion(client, name, "1", top1=95.0, test_set="sha-t", run_id=runs[0])[0]
-    worse = {
-        "student_number": 2,
-        "name": "s2",
-        "params": 1,
-        "size_pct": 1.0,
-        "top1": 60.0,
-        "test_set": "sha-t",
-    }
-    registration = [{"student": 2, "name": name, "version": "2", "created": True}]
+    worse = EvaluationRecord(
+        student=2,
+        label="S2",
+        student_name="s2",
+        params=1,
+        size_pct=1.0,
+        top1=60.0,
+        top5=90.0,
+        num_test=100,
+        classes=["a", "b"],
+        confusion=[[50, 0], [40, 10]],
+        per_class_accuracy=[100.0, 20.0],
+        flops=1,
+        latency_ms={"1": {"p50": 1.0}},
+        test_set="sha-t",
+        config={},
+    )
+    registration = [Registration(student=2, registered_model=name, version="2", created=True)]
     try:
         flaky.failing = True
         with pytest.raises(MlflowException, match=r"upstream busy|503"):
             promote_champion(client, name, "2", top1=60.0, test_set="sha-t", run_id=runs[1])
         with pytest.raises(MlflowException, match=r"upstream busy|503"):
             select_students(
-                [{**worse, "latency_ms": {"1": {"p50": 1.0}}}],
+                [worse],
                 [],
                 registration,
                 {"beat_champion": True},
@@ -164,7 +174,7 @@ def test_a_registry_that_fails_to_answer_is_never_read_as_no_champion(
 
 
 def test_no_model_and_no_alias_both_mean_no_champion(mlflow_stack: ServicesInfo, exported: Path) -> None:
-    from bockd.model_registry import champion_version
+    from bockd.platform.model_registry import champion_version
 
     client = MlflowClient(mlflow_stack.mlflow_uri)
     assert champion_version(client, "t4-never-registered") is None

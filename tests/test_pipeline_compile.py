@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import yaml
-from bockd.pipeline.pipeline import build_pipeline
-from bockd.pipeline.settings import GpuNode, PipelineSettings
 from kfp import compiler
 
 from bockd.cli import main
+from bockd.pipeline.pipeline import build_pipeline
+from bockd.pipeline.settings import GpuNode, PipelineSettings
 
 TRAINING = ("exec-train-ensemble", "exec-train-baseline")
 SECRET_VALUES = ("AKIAEXAMPLESECRETKEY1", "wJalrXUtnFEMI-example-secret-value")

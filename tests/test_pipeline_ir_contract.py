@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 import yaml
-from bockd.components import make_components
-from bockd.pipeline.pipeline import build_pipeline
 
 from bockd.cli import main
+from bockd.components import make_components
+from bockd.pipeline.pipeline import build_pipeline
 
 VARIANTS = {
     "default": [],

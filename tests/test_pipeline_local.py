@@ -13,18 +13,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from bockd.pipeline.local import _follow, failure_message
 from mlflow import MlflowClient
 from numerics import probability_tolerance, reduction_length
 
-from bockd import steps
 from bockd.cli import main
 from bockd.data import ImageDataset
 from bockd.export import load_student, read_student_config
-from bockd.services import ServicesInfo
+from bockd.pipeline import steps
+from bockd.pipeline.local import _follow, failure_message
+from bockd.pipeline.records import BaselineRecord, Endpoints, EvaluationRecord, Summary, read_records
+from bockd.platform.s3 import client as s3_client
+from bockd.platform.services import ServicesInfo
+from bockd.platform.services.model_servers import stop_all_local_servers
 from bockd.serving.client import predict_v1
-from bockd.serving.local import stop_all_local_servers
-from bockd.storage import client as s3_client
 
 pytestmark = pytest.mark.slow
 
@@ -82,17 +83,19 @@ def test_the_run_succeeds_and_prints_the_summary(local_run: dict[str, Any]) -> N
 
 
 def test_summary_rows_match_registry_tags(local_run: dict[str, Any]) -> None:
-    rows = json.loads(Path(local_run["outputs"]["summary"]).read_text())
+    raw = json.loads(Path(local_run["outputs"]["summary"]).read_text())
+    assert raw["format"] == "bockd-summary/2"  # the record file names its format
+    rows = Summary.read(local_run["outputs"]["summary"]).rows
     mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    assert [r["student"] for r in rows] == ["S1", "S2"]
+    assert [(r.student, r.label) for r in rows] == [(1, "S1"), (2, "S2")]
     for r in rows:
-        version = mlflow.get_model_version(r["model"], r["version"])
-        assert r["model"] == f"e2e-digits-resnet20-s{r['number']}"
-        assert float(version.tags["top1"]) == pytest.approx(r["top1"], abs=1e-3)
-        assert version.tags["params"] == str(r["params"])
-        if r["number"] == 2:  # the baseline asked for
-            assert float(version.tags["baseline_top1"]) == pytest.approx(r["baseline_top1"], abs=1e-3)
-            assert float(version.tags["gain"]) == pytest.approx(r["top1"] - r["baseline_top1"], abs=1e-3)
+        version = mlflow.get_model_version(r.registered_model, r.version)
+        assert r.registered_model == f"e2e-digits-resnet20-s{r.student}"
+        assert float(version.tags["top1"]) == pytest.approx(r.top1, abs=1e-3)
+        assert version.tags["params"] == str(r.params)
+        if r.student == 2:  # the baseline asked for
+            assert float(version.tags["baseline_top1"]) == pytest.approx(r.baseline_top1, abs=1e-3)
+            assert float(version.tags["gain"]) == pytest.approx(r.top1 - r.baseline_top1, abs=1e-3)
         else:
             assert "baseline_top1" not in version.tags
 
@@ -122,27 +125,27 @@ def test_artifacts_and_checkpoints_are_in_s3(local_run: dict[str, Any]) -> None:
 
 
 def test_selection_champion_and_the_served_student(local_run: dict[str, Any]) -> None:
-    rows = json.loads(Path(local_run["outputs"]["summary"]).read_text())
-    endpoints = json.loads(Path(local_run["outputs"]["endpoints"]).read_text())
-    small = [r for r in rows if r["size_pct"] <= 50]
-    best = max(small, key=lambda r: (r["top1"], -r["params"]))
-    assert [r["number"] for r in rows if r["selected"]] == [best["number"]]
-    assert [e["student"] for e in endpoints] == [best["number"]]
+    rows = Summary.read(local_run["outputs"]["summary"]).rows
+    endpoints = Endpoints.read(local_run["outputs"]["endpoints"]).endpoints
+    small = [r for r in rows if r.size_pct <= 50]
+    best = max(small, key=lambda r: (r.top1, -r.params))
+    assert [r.student for r in rows if r.selected] == [best.student]
+    assert [e.student for e in endpoints] == [best.student]
 
     mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    champion = mlflow.get_model_version_by_alias(best["model"], "champion")
-    assert champion.version == best["version"]
+    champion = mlflow.get_model_version_by_alias(best.registered_model, "champion")
+    assert champion.version == best.version
     assert "alias.champion.set" in champion.tags
     for r in rows:
-        if not r["selected"]:
-            assert "champion" not in mlflow.get_registered_model(r["model"]).aliases
+        if not r.selected:
+            assert "champion" not in mlflow.get_registered_model(r.registered_model).aliases
 
     # The served student answers with what the exported student computes.
     dataset = ImageDataset.load(local_run["outputs"]["dataset"])
     images = list(dataset.test.x[:4])
-    answers = predict_v1(endpoints[0]["url"], endpoints[0]["name"], images)
+    answers = predict_v1(endpoints[0].url, endpoints[0].registered_model, images)
     model_dir = next(local_run["run_dir"].glob("root/*/train-ensemble/model"))
-    student = steps.student_dir(model_dir, best["number"])
+    student = steps.student_dir(model_dir, best.student)
     config = read_student_config(student)
     x = torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(config["mean"]).view(1, -1, 1, 1)
@@ -160,10 +163,8 @@ def test_register_again_creates_nothing(local_run: dict[str, Any]) -> None:
     """The register step re-run for the same training run returns the existing versions."""
     root = next(local_run["run_dir"].glob("root/*"))
     model_dir = root / "train-ensemble" / "model"
-    evaluations = steps.read_records(
-        sorted(root.glob("for-loop-*/evaluate/evaluation")), steps.EVALUATION_FILE
-    )
-    baselines = steps.read_records(sorted(root.glob("for-loop-*/train-baseline/model")), steps.BASELINE_FILE)
+    evaluations = read_records(EvaluationRecord, sorted(root.glob("for-loop-*/evaluate/evaluation")))
+    baselines = read_records(BaselineRecord, sorted(root.glob("for-loop-*/train-baseline/model")))
     run_id = (root / "train-ensemble" / "mlflow_run_id").read_text()
     again = steps.register(
         model_dir,
@@ -173,8 +174,8 @@ def test_register_again_creates_nothing(local_run: dict[str, Any]) -> None:
         run_id=run_id,
         prefix="e2e",
     )
-    assert [r["created"] for r in again] == [False] * STUDENTS
-    assert [r["version"] for r in again] == ["1"] * STUDENTS
+    assert [r.created for r in again] == [False] * STUDENTS
+    assert [r.version for r in again] == ["1"] * STUDENTS
 
 
 # -- a failed task: its own error, not kfp's traceback ------------------------------------------------------

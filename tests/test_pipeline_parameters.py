@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bockd.pipeline.parameters import RunParameters
 
 from bockd.cli import main
 from bockd.errors import BockdError, ConfigError
+from bockd.pipeline.parameters import RunParameters
 
 MLFLOW = "http://127.0.0.1:5000"
 

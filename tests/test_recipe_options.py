@@ -38,7 +38,9 @@ def test_cosine_schedule_falls_from_lr_towards_zero() -> None:
 
 def test_a_cosine_schedule_refuses_milestones() -> None:
     with pytest.raises(ConfigError, match=r"optim.*cosine schedule takes no milestones"):
-        build_config("smoke", {"optim": {"schedule": "cosine"}})  # the preset's milestones are still set
+        build_config(
+            "smoke-paper", {"optim": {"schedule": "cosine"}}
+        )  # the preset's milestones are still set
 
 
 # -- ramp-up ------------------------------------------------------------------------------------------------
@@ -56,7 +58,7 @@ def test_rampup_is_a_fraction_or_epochs_and_follows_the_sigmoid(rampup: float, l
 
 
 def test_no_rampup_means_full_weight_from_the_first_step() -> None:
-    config = build_config("smoke", {})
+    config = build_config("smoke-paper", {})
     assert config.loss.rampup == 0 and config.distill_scale(0) == 1.0
 
 
@@ -178,10 +180,12 @@ def test_rampup_is_reported_per_epoch(tmp_path: Path) -> None:
 
 def test_a_baselines_identity_ignores_the_loss_settings() -> None:
     """A baseline trains on cross-entropy alone, so two recipes with one schedule share its run."""
-    a = build_config("smoke", {"mode": "baseline", "student": 1})
-    b = build_config("smoke", {"mode": "baseline", "student": 1, "loss": {"kd_weight": 1.0, "rampup": 0.5}})
+    a = build_config("smoke-paper", {"mode": "baseline", "student": 1})
+    b = build_config(
+        "smoke-paper", {"mode": "baseline", "student": 1, "loss": {"kd_weight": 1.0, "rampup": 0.5}}
+    )
     assert a.training_identity() == b.training_identity()
-    c = build_config("smoke", {"mode": "baseline", "student": 1, "optim": COSINE})
+    c = build_config("smoke-paper", {"mode": "baseline", "student": 1, "optim": COSINE})
     assert a.training_identity() != c.training_identity()
-    ens_a, ens_b = build_config("smoke", {}), build_config("smoke", {"loss": {"kd_weight": 1.0}})
+    ens_a, ens_b = build_config("smoke-paper", {}), build_config("smoke-paper", {"loss": {"kd_weight": 2.0}})
     assert ens_a.training_identity() != ens_b.training_identity()

@@ -315,7 +315,7 @@ def test_reproductions_sharing_a_runs_dir_train_a_common_baseline_once(tmp_path:
     quiet = {"runtime": {"progress": "off"}}
     reproduce(out_dir=tmp_path / "paper", **kw, overrides=quiet)
     first = _mtimes(runs)
-    summary = reproduce(out_dir=tmp_path / "ce1", **kw, overrides={**quiet, "loss": {"ce_weight": 1.0}})
+    summary = reproduce(out_dir=tmp_path / "kd05", **kw, overrides={**quiet, "loss": {"kd_weight": 0.5}})
     folders = sorted(p.name.rsplit("-", 1)[0] for p in (runs / "seed-0").iterdir())
     assert folders == ["baseline-s2", "ensemble", "ensemble"]  # one baseline serves both recipes
     assert {k: v for k, v in _mtimes(runs).items() if k in first} == first
@@ -324,7 +324,7 @@ def test_reproductions_sharing_a_runs_dir_train_a_common_baseline_once(tmp_path:
             "final_top1"
         ]
     ]
-    assert (tmp_path / "ce1" / "results.md").is_file() and not (tmp_path / "ce1" / "seed-0").exists()
+    assert (tmp_path / "kd05" / "results.md").is_file() and not (tmp_path / "kd05" / "seed-0").exists()
 
 
 def test_results_are_written_after_every_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bockd.errors import ConfigError
-from bockd.selection import Candidate, Policy, Selection, select
+from bockd.pipeline.selection import Candidate, Policy, Selection, select
 
 
 def _c(i: int, top1: float, params: int, latency: float | None = None) -> Candidate:

@@ -15,11 +15,11 @@ from PIL import Image
 
 from bockd.cli import main
 from bockd.export import export_student
-from bockd.model_registry import register_student
-from bockd.services import ServicesInfo
-from bockd.services.health import http_ok
-from bockd.services.procs import free_ports
-from bockd.storage import upload_folder
+from bockd.platform.model_registry import register_student
+from bockd.platform.s3 import upload_folder
+from bockd.platform.services import ServicesInfo
+from bockd.platform.services.health import http_ok
+from bockd.platform.services.processes import free_ports
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import minio
 import pytest
 from minio.error import S3Error
 
-from bockd.services import BUCKET, ServiceError, ServicesInfo, down, status, up
-from bockd.services.procs import cmdline, owns, stop
+from bockd.platform.services import BUCKET, ServiceError, ServicesInfo, down, status, up
+from bockd.platform.services.processes import cmdline, owns, stop
 
 
 @pytest.fixture(scope="module")

@@ -33,24 +33,26 @@ from PIL import Image
 from bockd.data import ImageDataset
 from bockd.errors import CheckpointError
 from bockd.export import export_student, load_student, read_student_config
-from bockd.services import procs
-from bockd.serving import (
-    EnsembleModel,
+from bockd.platform.services import processes as procs
+from bockd.platform.services.model_servers import (
     LocalEndpoint,
-    ServingError,
-    StudentModel,
     list_local_servers,
-    predict_files,
-    predict_v1,
     start_local_server,
     stop_local_server,
 )
+from bockd.serving import EnsembleModel, ServingError, StudentModel, predict_files, predict_v1
 from bockd.serving.preprocess import _MAX_B64_CHARS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 S1, S3 = 0, 2
 MAX_BATCH = 256
+# What the metadata says a request's one input may be (send exactly one of these; the name is not checked).
+INPUTS = [
+    {"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]},
+    {"name": "input_uint8", "datatype": "UINT8", "shape": [-1, 8, 8, 1]},
+    {"name": "input_bytes", "datatype": "BYTES", "shape": [-1]},
+]
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -268,7 +270,7 @@ def test_metadata_describes_tensors(models) -> None:
     plane = DataPlane(model_registry=ModelRepository())
     plane.model_registry.update(models["onnx"])
     meta = asyncio.run(plane.model_metadata("s3"))
-    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert meta["inputs"] == INPUTS
     assert meta["outputs"] == [
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
         {"name": "top_k_indices", "datatype": "INT64", "shape": [-1, 5]},
@@ -316,6 +318,15 @@ def _fp32(shape: list[int], data: list, **extra: Any) -> dict[str, Any]:
     return {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": data}], **extra}
 
 
+def standard_json(body: Any) -> bool:
+    """Whether ``body`` is JSON without the NaN / Infinity that Python's json writes and parsers refuse."""
+    try:
+        json.dumps(body, allow_nan=False)
+    except ValueError:
+        return False
+    return True
+
+
 def bad_requests(images: np.ndarray) -> list[tuple[str, Any, str]]:
     """(protocol, body, fragment the error message must contain) for many kinds of malformed requests."""
     good_png = png_bytes(images[0])
@@ -346,7 +357,7 @@ def bad_requests(images: np.ndarray) -> list[tuple[str, Any, str]]:
         ({"instances": [{"b64": b64(_bomb_png())}]}, "over the limit"),
         ({"instances": [{"b64": "A" * (_MAX_B64_CHARS + 4)}]}, "over the limit"),
         ({"instances": [_grey(0, 1, 0)]}, "empty image"),
-        ({"instances": [_grey()] * (MAX_BATCH + 1)}, "larger than max_batch"),
+        ({"instances": [_grey()] * (MAX_BATCH + 1)}, "256 images per request (max_batch)"),
     ]
     v2 = [
         ({"inputs": []}, "exactly one input tensor"),
@@ -359,7 +370,7 @@ def bad_requests(images: np.ndarray) -> list[tuple[str, Any, str]]:
         (_fp32([1, 1, 8, 8], [math.inf] * 64), "NaN or infinity"),
         (_fp32([1, 1, 8, 8], ["a"] * 64), "must be numbers"),
         (_fp32([0, 1, 8, 8], []), "empty batch"),
-        (_fp32([MAX_BATCH + 1, 1, 8, 8], [0.0] * 64), "larger than max_batch"),
+        (_fp32([MAX_BATCH + 1, 1, 8, 8], [0.0] * 64), "256 images per request (max_batch)"),
         (_fp32([-1, 1, 8, 8], ones), "non-negative ints"),
         (_fp32([1, 2, 8, 8], ones * 2), "C = 1 or 3"),
         (_fp32([1, 1, 8, 8], ones, outputs=[{"name": "logits"}]), "unknown output 'logits'"),
@@ -443,7 +454,7 @@ def test_http_metadata_and_ready(server: LocalEndpoint) -> None:
     status, meta = http(server.v2_metadata_url)
     assert status == 200
     assert meta["name"] == "s3"
-    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert meta["inputs"] == INPUTS
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
         ("probabilities", "FP32", [-1, 10]),
         ("top_k_indices", "INT64", [-1, 5]),
@@ -464,23 +475,31 @@ def test_http_ensemble_onnx_averages_logits(ensemble_server: LocalEndpoint, stud
     )
 
 
-def test_http_hundred_bad_requests_each_400_then_good_ones_work(
+def test_http_hundred_bad_requests_each_4xx_then_good_ones_work(
     server: LocalEndpoint, students, images
 ) -> None:
     cases = bad_requests(images)
     extra = [
         ("v1", b"{not json", "Unrecognized request format"),
         ("v1", json.dumps({"instances": [_grey(math.nan)]}).encode(), "Unrecognized request format"),
-        ("v2", b'{"id": "no inputs"}', "inputs: Field required"),
-        ("v2", b"{not json", "JSON decode error"),
-        ("v2", b'{"inputs": [{"name": "a", "shape": ["x"], "datatype": "FP32", "data": []}]}', "shape.0"),
+        ("v2", b'{"id": "no inputs"}', 'needs "inputs"'),
+        ("v2", b"{not json", "is not valid JSON"),
+        (
+            "v2",
+            b'{"inputs": [{"name": "a", "shape": ["x"], "datatype": "FP32", "data": []}]}',
+            "non-negative ints",
+        ),
     ]
     sent = 0
     while sent < 100:
         for protocol, body, fragment in [*cases, *extra]:
             url = server.v2_infer_url if protocol == "v2" else server.v1_predict_url
             status, answer = http(url, body if isinstance(body, bytes) else json.dumps(body).encode())
-            assert status == 400, (protocol, fragment, status, answer)
+            if not isinstance(body, bytes) and not standard_json(body):  # NaN: refused by the JSON parser
+                fragment = "not valid JSON" if protocol == "v2" else "Unrecognized request format"
+            # 413 for what is over a budget, 400 for the rest
+            want_status = 413 if "over the limit" in answer["error"] else 400
+            assert status == want_status, (protocol, fragment, answer)
             assert fragment in answer["error"], (fragment, answer)
             sent += 1
     logits, want = reference([students[S3]], images)

@@ -29,10 +29,12 @@ SERVING_MODULES = {
     "bockd",
     "bockd.errors",
     "bockd.export_format",
+    "bockd.imaging",  # one 8-bit decoding rule for training data and requests
     "bockd.serving",
     "bockd.serving.__main__",
     "bockd.serving.model",
     "bockd.serving.preprocess",
+    "bockd.serving.rest",
     "bockd.serving.server",
 }
 TRAINING_MODULES = {"bockd.engine", "bockd.models", "bockd.export", "bockd.data", "bockd.checkpoint"}

@@ -8,13 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bockd import steps
 from bockd.data import ImageDataset
 from bockd.errors import DataError
-from bockd.services import ServicesInfo
-from bockd.storage import S3Uri, _relative_key, client, delete_prefix, download_prefix, upload_folder
-
-SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+from bockd.pipeline import steps
+from bockd.platform.s3 import S3Uri, _relative_key, client, delete_prefix, download_prefix, upload_folder
+from bockd.platform.services import ServicesInfo
 
 
 def _put(info: ServicesInfo, key: str, data: bytes) -> None:
@@ -23,13 +21,13 @@ def _put(info: ServicesInfo, key: str, data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def cifar_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 300 train / 100 test images of the real CIFAR-10, in the npz layout bockd reads."""
-    if not (SHARED_CIFAR10 / "cifar10_train.npz").is_file():
-        pytest.skip("../shared/data/cifar10 is not here")
+    """300 train / 100 test seeded random 32x32 RGB images (10 balanced classes) in the npz layout bockd
+    reads for CIFAR-10: the test is about S3, so the pixels need not be real ones."""
+    rng = np.random.default_rng(0)
     out = tmp_path_factory.mktemp("cifar10-slice")
     for split, n in (("train", 300), ("test", 100)):
-        with np.load(SHARED_CIFAR10 / f"cifar10_{split}.npz") as npz:
-            np.savez(out / f"cifar10_{split}.npz", x=npz["x"][:n], y=npz["y"][:n])
+        x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        np.savez(out / f"cifar10_{split}.npz", x=x, y=np.arange(n, dtype=np.int64) % 10)
     return out
 
 

@@ -26,8 +26,8 @@ SPEC = {
     "baselines": [2],
     "common": QUIET,
     "recipes": {
-        "paper": {"preset": "smoke"},
-        "ce1": {"preset": "smoke", "loss": {"ce_weight": 1.0}},
+        "paper": {"preset": "smoke-paper"},
+        "ce1": {"preset": "smoke-paper", "loss": {"ce_weight": 1.0}},
     },
 }
 
@@ -144,3 +144,31 @@ def test_comparison_markdown_marks_gains_within_noise() -> None:
 def test_cli_study_reports_a_bad_file_without_a_traceback(tmp_path: Path, capsys) -> None:
     assert main(["study", str(_write(tmp_path, {**SPEC, "bogus": 1})), "--out", str(tmp_path / "o")]) == 2
     assert "bogus: unknown key" in capsys.readouterr().err
+
+
+def test_a_seed_whose_runs_did_not_all_finish_waits_for_the_next_call(tmp_path: Path) -> None:
+    """A ``fit`` that runs out of time (the GPU check's) returns None: that seed stays out of the table
+    until a later call finishes its runs; what finished is not trained again."""
+    from bockd.reproduce import fit_to_the_end
+
+    spec = load_study(_write(tmp_path, SPEC))
+
+    def out_of_time_for_seed_1_baselines(config, data, folder):
+        if config.mode == "baseline" and config.seed == 1:
+            return None
+        return fit_to_the_end(config, data, folder)
+
+    out = tmp_path / "out"
+    first = run_study(spec, out, fit=out_of_time_for_seed_1_baselines)
+    assert [row["seeds"] for row in first["recipes"]] == [[0], [0]]
+    assert json.loads((out / "study.json").read_text())["recipes"][0]["seeds"] == [0]
+    done = {p: p.stat().st_mtime_ns for p in (out / "runs" / "seed-0").rglob("*") if p.is_file()}
+    second = run_study(spec, out)
+    assert [row["seeds"] for row in second["recipes"]] == [[0, 1], [0, 1]]
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs" / "seed-0").rglob("*") if p.is_file()} == done
+
+
+def test_nothing_finished_writes_no_table(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    table = run_study(load_study(_write(tmp_path, SPEC)), out, fit=lambda config, data, folder: None)
+    assert table["recipes"] == [] and not (out / "study.md").exists()

@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 from bockd.config import build_config
 from bockd.data import ImageDataset
 from bockd.engine import Trainer
-from bockd.services import ServicesInfo
-from bockd.tracking import MlflowCallback, flatten
+from bockd.platform.services import ServicesInfo
+from bockd.platform.tracking import MlflowCallback, flatten
 
 
 def test_flatten_nested_config() -> None:

@@ -36,10 +36,8 @@ from kube_api_double import (
 )
 
 from bockd.errors import BockdError, ConfigError
-from bockd.serving.crd import CrdValidationError, crd_schema, validate_against_crd
-from bockd.trainjob import (
-    GPU_RESOURCE,
-    RUNTIME,
+from bockd.platform.kube.crd import CrdValidationError, crd_schema, validate_against_crd
+from bockd.platform.trainjob import (
     TrainJobApi,
     TrainJobError,
     TrainJobSpec,
@@ -48,6 +46,7 @@ from bockd.trainjob import (
     run_trainjob,
     trainjob_name,
 )
+from bockd.platform.trainjob.spec import GPU_RESOURCE, RUNTIME, WORKER_MODULE
 
 CRD = TRAINJOB_CRD
 
@@ -256,7 +255,8 @@ def test_built_trainjob_matches_the_crd_and_carries_the_settings() -> None:
     trainer = obj["spec"]["trainer"]
     assert trainer["image"] == IMAGE
     assert trainer["command"] == ["torchrun"]
-    assert trainer["args"] == ["--module", "bockd.trainjob", "--request", REQUEST]
+    assert trainer["args"] == ["--module", WORKER_MODULE, "--request", REQUEST]
+    assert WORKER_MODULE == "bockd.pipeline.trainjob_worker"  # torchrun --module runs it
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 4
     assert trainer["resourcesPerNode"] == {
         "requests": {"cpu": "8", "memory": "32Gi"},
@@ -500,10 +500,11 @@ def test_train_distributed_end_to_end_with_one_rank(
     The Model folder that comes back has train_ensemble's layout, and the MLflow run id is rank 0's."""
     from mlflow import MlflowClient
 
-    from bockd import trainjob
     from bockd.config import build_config
     from bockd.engine import HISTORY, MODEL_CONFIG, SUMMARY, WEIGHTS
-    from bockd.storage import client
+    from bockd.pipeline import trainjob_worker
+    from bockd.platform.s3 import client
+    from bockd.platform.trainjob import train_distributed
 
     monkeypatch.delenv("RANK", raising=False)
     minio = client()
@@ -523,11 +524,11 @@ def test_train_distributed_end_to_end_with_one_rank(
 
     def play_pods(obj: dict[str, Any]) -> None:
         launched.append(obj)
-        assert trainjob.main(obj["spec"]["trainer"]["args"][2:]) == 0
+        assert trainjob_worker.main(obj["spec"]["trainer"]["args"][2:]) == 0
 
     fake.on_complete = play_pods
     out = tmp_path / "model"
-    result = trainjob.train_distributed(
+    result = train_distributed(
         raw,
         data_dir,
         out,
@@ -569,9 +570,9 @@ def _staged(minio: Any, prefix: str) -> list[str]:
 def _launch_with_fake_rank0(fake: FakeTrainer, api: TrainJobApi, tmp_path: Path, **kwargs: Any) -> Any:
     """train_distributed with the double playing a rank 0 that trained instantly: it uploads a one-file
     Model folder and the result, as the worker does last (real local S3)."""
-    from bockd import trainjob
     from bockd.config import build_config
-    from bockd.storage import client, put_json, upload_folder
+    from bockd.platform.s3 import client, put_json, upload_folder
+    from bockd.platform.trainjob import train_distributed
 
     minio = client()
     if not minio.bucket_exists("bockd-staging"):
@@ -588,7 +589,7 @@ def _launch_with_fake_rank0(fake: FakeTrainer, api: TrainJobApi, tmp_path: Path,
 
     fake.on_complete = rank0
     raw = build_config("smoke", {"data": {"dataset": "digits"}}).to_dict()
-    result = trainjob.train_distributed(
+    result = train_distributed(
         raw,
         tmp_path / "dataset",
         tmp_path / "model",

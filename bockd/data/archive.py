@@ -17,7 +17,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from bockd.data._util import atomic_dir, existing_path
+from bockd.atomic import atomic_dir
+from bockd.data._util import existing_path
 from bockd.errors import DataError
 
 # Errors that mean "the archive bytes are bad" (as opposed to, say, a full disk).
@@ -32,11 +33,6 @@ CORRUPT_ARCHIVE_ERRORS = (
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
-def is_archive(path: str | os.PathLike[str]) -> bool:
-    name = Path(path).name.lower()
-    return name.endswith(".zip") or name.endswith(_TAR_SUFFIXES)
-
-
 def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
     """Extract `archive` into the folder `dest` (replacing it if present) and return `dest`."""
     archive = existing_path(archive, "archive")
@@ -49,7 +45,7 @@ def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) 
     else:
         raise DataError(f"archive {str(archive)!r}: unsupported type (expected .tar, .tar.gz, .tgz or .zip)")
     try:
-        with atomic_dir(dest) as tmp:
+        with atomic_dir(dest, DataError) as tmp:
             extract(archive, tmp)
     except DataError:
         raise

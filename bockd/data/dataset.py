@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from bockd.data._util import atomic_dir, existing_path, fsync_file
+from bockd.atomic import atomic_dir, fsync_file
+from bockd.data._util import existing_path
 from bockd.data.splits import balanced_subset, stratified_split
 from bockd.errors import DataError
 
@@ -188,7 +189,7 @@ class ImageDataset:
         """Write `<folder>/{train,test[,val]}.npz` + meta.json; the folder appears complete or not at all."""
         folder = Path(folder)
         meta = self.meta()
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, DataError) as tmp:
             for split_name, split in self.splits().items():
                 path = tmp / f"{split_name}.npz"
                 with open(path, "wb") as f:

@@ -1,12 +1,13 @@
 """KServe predictor for exported students: V1 and V2 REST, one student or an averaged ensemble.
 
-``python -m bockd.serving --model_dir DIR`` runs a server; ``start_local_server`` runs one in the background
-on 127.0.0.1; ``predict_v1``/``predict_files`` are a minimal client. Request formats: ``preprocess``.
+``python -m bockd.serving --model_dir DIR`` runs a server (``server``: arguments and process; ``rest``: its
+HTTP layer; ``model``: the kserve Models; ``preprocess``: request formats and budgets);
+``predict_v1``/``predict_files`` are a minimal client. Running one in the background on 127.0.0.1 is the
+platform's job (``bockd.platform.services.model_servers``).
 
 The server runs on kserve + ONNX Runtime alone (``--backend onnx``, the default) and imports nothing of
 training; ``--backend torch`` imports PyTorch when a model is loaded. Names are imported on first use: the
-launcher and client do not need torch or kserve loaded (and importing kserve parses ``sys.argv`` as a side
-effect).
+client does not need torch or kserve loaded (and importing kserve parses ``sys.argv`` as a side effect).
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ _EXPORTS = {
     "InputSpec": "bockd.serving.preprocess",
     "MAX_IMAGE_BYTES": "bockd.serving.preprocess",
     "MAX_PIXELS": "bockd.serving.preprocess",
-    "LocalEndpoint": "bockd.serving.local",
-    "list_local_servers": "bockd.serving.local",
-    "start_local_server": "bockd.serving.local",
-    "stop_local_server": "bockd.serving.local",
-    "stop_all_local_servers": "bockd.serving.local",
+    "RequestLimits": "bockd.serving.preprocess",
+    "RequestTooLarge": "bockd.serving.preprocess",
     "ServingError": "bockd.serving.errors",
     "predict_files": "bockd.serving.client",
     "predict_v1": "bockd.serving.client",

@@ -4,6 +4,9 @@ Both speak V1 (``/v1/models/<name>:predict``) and V2 / Open Inference Protocol (
 request formats are in ``bockd.serving.preprocess``. preprocess() decodes and normalizes, predict() runs the
 network(s), postprocess() shapes the answer for the protocol the request came in on.
 
+None of that runs on the event loop: a request is worked on in one of the model's ``executor`` threads
+(``max_concurrent_requests`` of them), so health checks and metadata keep answering while it runs.
+
 Backends: ``onnx`` (the default) runs the exported ``model.onnx`` on ONNX Runtime and needs nothing of
 training, so the serving image carries no PyTorch; ``torch`` rebuilds the student from its safetensors and
 imports PyTorch and ``bockd.export`` only when a model is loaded with it.
@@ -11,28 +14,37 @@ imports PyTorch and ``bockd.export`` only when a model is loaded with it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import sys
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import kserve
 import numpy as np
 from kserve.errors import InvalidInput, ModelNotReady
+from kserve.model import InferenceVerb
 from kserve.protocol.grpc.grpc_predict_v2_pb2 import ModelInferRequest
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, RequestedOutput
 
 from bockd.errors import CheckpointError, ConfigError
 from bockd.export_format import ONNX_FILE, read_student_config
-from bockd.serving.preprocess import InputSpec, batch_from_v1, batch_from_v2
+from bockd.serving.preprocess import (
+    MAX_BATCH_LIMIT,
+    InputSpec,
+    RequestLimits,
+    batch_from_v1,
+    batch_from_v2,
+    short,
+)
 
 BACKENDS = ("torch", "onnx")
 DEFAULT_BACKEND = "onnx"  # what every install of the server can run: the serving image has no torch
-MAX_BATCH_LIMIT = 4096  # the ONNX export's dynamic batch dimension allows at most this
 OUTPUTS = ("probabilities", "top_k_indices", "top_k_classes")
 # Every student of an ensemble must agree on these, or averaging their logits means nothing.
 _SHARED_FIELDS = ("classes", "num_classes", "in_channels", "input_shape", "mean", "std")
@@ -125,29 +137,69 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-class _ClassifierModel(kserve.Model):
+def _limits(limits: RequestLimits | None, max_batch: int | None) -> RequestLimits:
+    """``limits`` (default: RequestLimits()) with ``max_batch`` instead of its own when one is given."""
+    if max_batch is not None and not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise ValueError(f"max_batch must be 1..{MAX_BATCH_LIMIT}, got {max_batch}")
+    limits = limits or RequestLimits()
+    return limits if max_batch is None else replace(limits, max_batch=max_batch)
+
+
+def _finish(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that never suspends to its end, in the calling thread (no event loop needed)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the inference coroutine awaited something: it cannot run off the event loop")
+
+
+class ClassifierModel(kserve.Model):
     """Shared machinery: load students, decode requests, average logits, answer V1 or V2."""
 
     def __init__(
-        self, name: str, model_dirs: Sequence[str | Path], backend: str, max_batch: int, top_k: int
+        self,
+        name: str,
+        model_dirs: Sequence[str | Path],
+        backend: str,
+        max_batch: int | None,
+        top_k: int,
+        limits: RequestLimits | None = None,
     ) -> None:
         super().__init__(name)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if isinstance(model_dirs, (str, Path)) or not model_dirs:
             raise ValueError("model_dirs must be a non-empty list of exported student folders")
-        if not 1 <= max_batch <= MAX_BATCH_LIMIT:
-            raise ValueError(f"max_batch must be 1..{MAX_BATCH_LIMIT}, got {max_batch}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.model_dirs = [Path(d) for d in model_dirs]
         self.backend = backend
-        self.max_batch = max_batch
+        self.limits = _limits(limits, max_batch)
         self.top_k = top_k
         self.config: dict[str, Any] = {}
         self.spec: InputSpec | None = None
         self.classes: list[str] = []
         self._runners: list[Any] = []
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.limits.max_batch
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The threads requests are worked on: ``limits.max_concurrent_requests`` of them."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.limits.max_concurrent_requests, f"bockd-{self.name}")
+        return self._executor
+
+    def stop(self) -> None:
+        super().stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     # -- loading ---------------------------------------------------------------------------------------------
 
@@ -180,9 +232,18 @@ class _ClassifierModel(kserve.Model):
     # -- metadata (GET /v2/models/<name>) ----------------------------------------------------------------
 
     def get_input_types(self) -> list[dict[str, Any]]:
-        # The canonical tensor; UINT8 [N, H, W, C] and BYTES [N] are accepted too (see preprocess).
+        """Every form a request's one input tensor may take, one metadata entry each (send exactly one).
+
+        The Open Inference Protocol's metadata tensor has a single datatype and no way to say "one of";
+        Triton lists optional inputs the same way. Shapes are the network's own size: other sizes and
+        channel counts are accepted and resized (PIL bilinear). Input names are not checked.
+        """
         c, h, w = self.spec.shape if self.spec else (-1, -1, -1)
-        return [{"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]}]
+        return [
+            {"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]},  # pixels in [0, 1], NCHW
+            {"name": "input_uint8", "datatype": "UINT8", "shape": [-1, h, w, c]},  # NHWC
+            {"name": "input_bytes", "datatype": "BYTES", "shape": [-1]},  # PNG/JPEG files
+        ]
 
     def get_output_types(self) -> list[dict[str, Any]]:
         n, k = len(self.classes) or -1, self.k or -1
@@ -193,6 +254,25 @@ class _ClassifierModel(kserve.Model):
         ]
 
     # -- inference -------------------------------------------------------------------------------------------
+
+    async def __call__(
+        self, body: Any, headers: dict[str, str] | None = None, verb: InferenceVerb = InferenceVerb.PREDICT
+    ) -> tuple[Any, dict[str, str]]:
+        """kserve's preprocess -> predict -> postprocess, in one of ``executor``'s threads (every caller:
+        kserve's DataPlane, gRPC, in-process tests); the event loop only waits for the answer."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.infer_sync, body, headers, verb)
+
+    def infer_sync(
+        self, body: Any, headers: dict[str, str] | None = None, verb: InferenceVerb = InferenceVerb.PREDICT
+    ) -> tuple[Any, dict[str, str]]:
+        """One request, decoded to answered, in the calling thread: (response, response headers).
+
+        This is kserve's own ``Model.__call__`` (its latency histograms and log line included). It awaits a
+        handler only when the handler is a coroutine function (kserve/model.py ``Model.__call__``); ours
+        are plain functions, so it never suspends and is run to its end here without an event loop.
+        """
+        return _finish(kserve.Model.__call__(self, body, headers, verb))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Mean of the students' logits for normalized float32 NCHW ``x`` (one student: its logits)."""
@@ -206,8 +286,8 @@ class _ClassifierModel(kserve.Model):
             payload = InferRequest.from_grpc(payload)
         if isinstance(payload, InferRequest):
             self._check_requested_outputs(payload.request_outputs)
-            return _Batch(batch_from_v2(payload, self.spec, self.max_batch), payload)
-        return _Batch(batch_from_v1(payload, self.spec, self.max_batch), None)
+            return _Batch(batch_from_v2(payload, self.spec, self.limits), payload)
+        return _Batch(batch_from_v1(payload, self.spec, self.limits), None)
 
     def validate(self, payload: Any) -> Any:
         # kserve's own check knows dicts and InferRequests; ours was already validated while decoding.
@@ -253,25 +333,30 @@ class _ClassifierModel(kserve.Model):
     def _check_requested_outputs(requested: list[RequestedOutput] | None) -> None:
         for out in requested or []:
             if out.name not in OUTPUTS:
-                raise InvalidInput(f"unknown output {out.name!r}; this model returns {list(OUTPUTS)}")
+                raise InvalidInput(f"unknown output {short(out.name)}; this model returns {list(OUTPUTS)}")
 
 
-class StudentModel(_ClassifierModel):
-    """One exported student (a folder written by ``bockd.export.export_student``)."""
+class StudentModel(ClassifierModel):
+    """One exported student (a folder written by ``bockd.export.export_student``).
+
+    ``limits`` bounds every request (``RequestLimits``; default: its defaults); ``max_batch``, when given,
+    replaces its ``max_batch``.
+    """
 
     def __init__(
         self,
         name: str,
         model_dir: str | Path,
         backend: str = DEFAULT_BACKEND,
-        max_batch: int = 256,
+        max_batch: int | None = None,
         top_k: int = 5,
+        limits: RequestLimits | None = None,
     ) -> None:
-        super().__init__(name, [model_dir], backend, max_batch, top_k)
+        super().__init__(name, [model_dir], backend, max_batch, top_k, limits)
         self.model_dir = Path(model_dir)
 
 
-class EnsembleModel(_ClassifierModel):
+class EnsembleModel(ClassifierModel):
     """Several exported students of one run: their logits are averaged, then softmaxed."""
 
     def __init__(
@@ -279,20 +364,22 @@ class EnsembleModel(_ClassifierModel):
         name: str,
         model_dirs: Sequence[str | Path],
         backend: str = DEFAULT_BACKEND,
-        max_batch: int = 256,
+        max_batch: int | None = None,
         top_k: int = 5,
+        limits: RequestLimits | None = None,
     ) -> None:
-        super().__init__(name, model_dirs, backend, max_batch, top_k)
+        super().__init__(name, model_dirs, backend, max_batch, top_k, limits)
 
 
 def build_model(
     name: str,
     model_dirs: Sequence[str | Path],
     backend: str = DEFAULT_BACKEND,
-    max_batch: int = 256,
+    max_batch: int | None = None,
     top_k: int = 5,
+    limits: RequestLimits | None = None,
 ) -> StudentModel | EnsembleModel:
     """One folder -> StudentModel, several -> EnsembleModel (not loaded yet)."""
     if len(model_dirs) == 1:
-        return StudentModel(name, model_dirs[0], backend, max_batch, top_k)
-    return EnsembleModel(name, model_dirs, backend, max_batch, top_k)
+        return StudentModel(name, model_dirs[0], backend, max_batch, top_k, limits)
+    return EnsembleModel(name, model_dirs, backend, max_batch, top_k, limits)

@@ -1,9 +1,13 @@
 """The model-server process: kserve's standard arguments plus ours, and a ModelServer that can bind 127.0.0.1.
 
 kserve 0.21's REST server hardcodes ``host="0.0.0.0"`` in its uvicorn config and its gRPC server listens on
-``[::]``; there is no option for either. ``HostModelServer`` builds the same REST server kserve would and
-sets the uvicorn config's host before it starts serving; gRPC is off by default here because it cannot be
-bound to one interface.
+``[::]``; there is no option for either. ``HostModelServer`` runs ``bockd.serving.rest.BockdRESTServer``
+(kserve's REST server with bounded inference routes, honest readiness and no model repository extension)
+bound to ``--host``; gRPC is off by default here because it cannot be bound to one interface.
+
+Request budgets (``RequestLimits``) are arguments (``--max_request_bytes`` ...) whose defaults come from
+the environment (``BOCKD_SERVING_MAX_REQUEST_BYTES`` ...), then from ``RequestLimits``; sizes take a
+``Ki``/``Mi``/``Gi`` suffix. docs/serving.md says what each bounds.
 """
 
 from __future__ import annotations
@@ -11,79 +15,120 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 import kserve
-from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.model import BaseKServeModel
-from kserve.protocol.rest.server import RESTServer
+from kserve.protocol.grpc.server import GRPCServer
 
 from bockd.errors import BockdError
 from bockd.serving.model import BACKENDS, DEFAULT_BACKEND, build_model
+from bockd.serving.preprocess import RequestLimits
+from bockd.serving.rest import BockdRESTServer, FixedModelRepository, ServingDataPlane, new_app
 
 LOCAL_HOST = "127.0.0.1"
 _ALL_INTERFACES = ("0.0.0.0", "::", "")
-
-
-async def validation_error_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """A V2 body that is not an inference request at all: 400 with a readable reason (FastAPI says 422).
-
-    kserve declares the V2 body as ``InferenceRequest | bytes``; the ``bytes`` alternative always fails too
-    and only adds noise, so its errors are left out.
-    """
-    reasons = []
-    for err in exc.errors():
-        loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "InferenceRequest")]
-        if loc[:1] == ["bytes"]:
-            continue
-        reasons.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
-    message = "invalid inference request: " + "; ".join(reasons)
-    return JSONResponse(status_code=400, content={"error": message})
+ENV_PREFIX = "BOCKD_SERVING_"
+_SUFFIXES = {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30}
+LIMIT_HELP = {
+    "max_batch": "most images in one request",
+    "max_request_bytes": "most bytes in a request body of any kind (413 past it, before reading)",
+    "max_json_bytes": "most bytes of JSON: a JSON body, or the header of a binary-extension body",
+    "max_request_pixels": "most pixels (height x width, as sent) summed over one request's images",
+    "max_image_pixels": "most pixels (height x width, as sent) in one image",
+    "max_image_bytes": "most bytes in one encoded PNG/JPEG",
+    "max_concurrent_requests": "requests read, decoded and run at once; later ones wait, their bodies unread",
+    "max_body_seconds": "seconds to receive a request's body once it has a slot (408 past it)",
+}
 
 
 class HostModelServer(kserve.ModelServer):
-    """kserve's ModelServer, REST bound to ``host`` (kserve's own start() when host is all interfaces)."""
+    """kserve's ModelServer serving ``BockdRESTServer`` on ``host`` (one process: the budgets are per
+    process, and the pod's memory limit is per pod)."""
 
     def __init__(self, host: str = LOCAL_HOST, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.host = host
-        if host not in _ALL_INTERFACES and (self.enable_grpc or self.workers != 1):
+        if self.workers != 1:
             raise ValueError(
-                f"--host {host}: kserve 0.21 binds gRPC and multi-worker REST on all interfaces; "
-                "use --enable_grpc false --workers 1, or --host 0.0.0.0"
+                f"--workers {self.workers}: this server runs one process (its request budgets are per "
+                "process and the pod's memory limit is shared); scale with replicas instead"
             )
+        if host not in _ALL_INTERFACES and self.enable_grpc:
+            raise ValueError(
+                f"--host {host}: kserve 0.21 binds gRPC on all interfaces; use --enable_grpc false, or "
+                "--host 0.0.0.0"
+            )
+        self.dataplane = ServingDataPlane(self.registered_models)
+        self.model_repository_extension = FixedModelRepository(self.registered_models, self.dataplane)
 
     def start(self, models: list[BaseKServeModel]) -> None:
-        # Every malformed request answers 400 {"error": ...}, also those FastAPI rejects before the model.
-        kserve.model_server.app.add_exception_handler(RequestValidationError, validation_error_handler)
-        if self.host in _ALL_INTERFACES:
-            return super().start(models)
-        # The single-worker, REST-only branch of ModelServer.start, with the bind address changed.
+        # kserve's ModelServer.start (model_server.py), single-process, with our REST server.
         self._register_and_check_atleast_one_model_is_ready(models)
-        self._rest_server = RESTServer(
-            FASTAPI_APP_IMPORT_STRING,
+        self.dataplane.expected = [m.name for m in models]
+        self._rest_server = BockdRESTServer(
+            new_app(self.enable_docs_url),
             self.dataplane,
             self.model_repository_extension,
             self.http_port,
+            self.host,
             access_log_format=self.access_log_format,
-            workers=1,
             grace_period=self.grace_period,
             event_loop=self.event_loop,
             timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile,
             ssl_keyfile=self.ssl_keyfile,
         )
-        self._rest_server.config.host = self.host  # read by uvicorn when serve() binds
         self.servers.append(self._rest_server.start())
+        if self.enable_grpc:
+            self._grpc_server = GRPCServer(
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs=vars(kserve.model_server.args),
+                grace_period=self.grace_period,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()
         self.register_signal_handler()
         asyncio.run(self._serve())
-        return None
+
+
+def size(text: str) -> int:
+    """A positive integer, optionally with a binary suffix: ``"32Mi"`` -> 33554432."""
+    value = str(text).strip()
+    scale = _SUFFIXES.get(value[-2:].lower(), 1)
+    digits = value[:-2] if scale > 1 else value
+    if not (digits.isascii() and digits.isdigit()) or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (optionally Ki, Mi or Gi)")
+    return int(digits) * scale
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
+    """``--<limit>`` for each RequestLimits field; default ``BOCKD_SERVING_<LIMIT>``, else the field's."""
+    environ = os.environ if environ is None else environ
+    for field in fields(RequestLimits):
+        env = ENV_PREFIX + field.name.upper()
+        default = field.default
+        if env in environ:
+            try:
+                default = size(environ[env])
+            except argparse.ArgumentTypeError as err:
+                parser.error(f"environment variable {env}: {err}")
+        parser.add_argument(
+            f"--{field.name}",
+            type=size,
+            default=default,
+            help=f"{LIMIT_HELP[field.name]} (env {env}; default {field.default})",
+        )
+
+
+def limits_from(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(**{field.name: getattr(args, field.name) for field in fields(RequestLimits)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx (model.onnx on ONNX Runtime, no PyTorch) or torch (model.safetensors, needs PyTorch)",
     )
     parser.add_argument("--host", default=LOCAL_HOST, help="REST bind address (0.0.0.0 inside a container)")
-    parser.add_argument("--max_batch", type=int, default=256, help="most images in one request")
     parser.add_argument("--top_k", type=int, default=5, help="how many top classes each prediction lists")
+    add_limit_arguments(parser)
     parser.set_defaults(enable_grpc=False)
     return parser
 
@@ -115,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        model = build_model(args.model_name, args.model_dir, args.backend, args.max_batch, args.top_k)
+        model = build_model(
+            args.model_name, args.model_dir, args.backend, top_k=args.top_k, limits=limits_from(args)
+        )
         model.load()
         server = HostModelServer(
             host=args.host,

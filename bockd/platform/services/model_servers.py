@@ -1,4 +1,5 @@
-"""Run ``python -m bockd.serving`` locally on 127.0.0.1 as a detached process, tracked by a JSON record.
+"""Local KServe model servers: ``python -m bockd.serving`` on 127.0.0.1 as a detached process, tracked by a
+JSON record (what the deploy step does in place of an InferenceService on one machine).
 
 ``<state_dir>/<name>.json`` holds pid, port, url and model folders; ``<state_dir>/<name>.log`` the server's
 output. Stopping signals the recorded PID only while its command line is still our server's, so a PID the
@@ -12,13 +13,14 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import bockd
-from bockd.services import health, procs
+from bockd.atomic import write_json
+from bockd.platform.polling import poll_until
+from bockd.platform.services import health, processes
 from bockd.serving.errors import ServingError
 
 HOST = "127.0.0.1"
@@ -89,7 +91,7 @@ def _log_path(state_dir: Path, name: str) -> Path:
 
 
 def _markers(name: str) -> tuple[str, ...]:
-    # cmdline args are joined with NUL by procs.owns: "--model_name\0<name>\0" matches the exact name.
+    # cmdline args are joined with NUL by processes.owns: "--model_name\0<name>\0" matches the exact name.
     return (MODULE, f"--model_name\0{name}\0")
 
 
@@ -104,13 +106,11 @@ def _read_record(path: Path) -> LocalEndpoint | None:
 
 
 def _write_record(path: Path, endpoint: LocalEndpoint) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(endpoint.to_record(), indent=2) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a record
+    write_json(path, endpoint.to_record())  # atomic: a reader never sees half a record
 
 
 def _alive(endpoint: LocalEndpoint) -> bool:
-    return procs.owns(endpoint.pid, _markers(endpoint.name))
+    return processes.owns(endpoint.pid, _markers(endpoint.name))
 
 
 def _log_tail(log: Path, lines: int = 30) -> str:
@@ -167,41 +167,39 @@ def start_local_server(
         stop_local_server(state_dir, name)  # stale or unhealthy: clean up what is still ours
 
     if port is None:
-        port = procs.free_ports(1)[0]
+        port = processes.free_ports(1)[0]
     elif not 0 < port < 65536:
         raise ServingError(f"port {port} is not a valid TCP port")
-    elif not procs.port_is_free(port):
+    elif not processes.port_is_free(port):
         raise ServingError(f"port {port} on {HOST} is already in use; stop what holds it or choose another")
 
     log = _log_path(state_dir, name)
     log.unlink(missing_ok=True)  # the tail shown on failure must be this start's
-    proc = procs.spawn(server_argv(dirs, name, port, backend), log, _child_env(), state_dir)
+    proc = processes.spawn(server_argv(dirs, name, port, backend), log, _child_env(), state_dir)
     endpoint = LocalEndpoint(name, proc.pid, port, f"http://{HOST}:{port}", tuple(map(str, dirs)), backend)
     try:
         _wait_ready(endpoint, proc, timeout, log)
         _write_record(record, endpoint)
     except BaseException:
-        procs.stop(proc.pid, _markers(name))
+        processes.stop(proc.pid, _markers(name))
         raise
     return endpoint
 
 
 def _wait_ready(endpoint: LocalEndpoint, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def ready() -> bool:
         if proc.poll() is not None:
             raise ServingError(
                 f"model server {endpoint.name} exited with status {proc.returncode} while starting "
                 f"(port {endpoint.port}); last lines of {log}:\n{_log_tail(log)}"
             )
-        if health.http_ok(endpoint.ready_url):
-            return
-        if time.monotonic() > deadline:
-            raise ServingError(
-                f"model server {endpoint.name} was not ready on port {endpoint.port} after {timeout:.0f} s; "
-                f"last lines of {log}:\n{_log_tail(log)}"
-            )
-        time.sleep(0.2)
+        return health.http_ok(endpoint.ready_url)
+
+    if not poll_until(ready, timeout, 0.2):
+        raise ServingError(
+            f"model server {endpoint.name} was not ready on port {endpoint.port} after {timeout:.0f} s; "
+            f"last lines of {log}:\n{_log_tail(log)}"
+        )
 
 
 def stop_local_server(state_dir: Path, name: str, timeout: float = 15) -> bool:
@@ -213,7 +211,7 @@ def stop_local_server(state_dir: Path, name: str, timeout: float = 15) -> bool:
     _check_name(name)
     record = _record_path(Path(state_dir), name)
     endpoint = _read_record(record)
-    stopped = endpoint is not None and procs.stop(endpoint.pid, _markers(name), timeout=timeout)
+    stopped = endpoint is not None and processes.stop(endpoint.pid, _markers(name), timeout=timeout)
     record.unlink(missing_ok=True)
     return stopped
 

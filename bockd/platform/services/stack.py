@@ -8,10 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bockd.services import health, procs
-from bockd.services.errors import ServiceError
-from bockd.services.procs import HOST
-from bockd.services.state import (
+from bockd.platform.credentials import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+from bockd.platform.services import health, processes
+from bockd.platform.services.errors import ServiceError
+from bockd.platform.services.processes import HOST
+from bockd.platform.services.state import (
     BUCKET,
     Credentials,
     Layout,
@@ -76,7 +77,7 @@ class ServicesStatus:
 def weed_argv(layout: Layout, s3_port: int, internal: Mapping[str, int]) -> list[str]:
     """The `weed mini` command line. It names only the identity file, never a secret."""
     argv = [
-        procs.find_executable("weed"),
+        processes.find_executable("weed"),
         "mini",
         f"-dir={layout.seaweed_dir.resolve()}",
         f"-ip={HOST}",
@@ -96,7 +97,7 @@ def weed_argv(layout: Layout, s3_port: int, internal: Mapping[str, int]) -> list
 def mlflow_argv(layout: Layout, port: int, bucket: str) -> list[str]:
     """`mlflow server` proxying artifacts (clients need no S3 access) into the SeaweedFS bucket."""
     return [
-        procs.find_executable("mlflow"),
+        processes.find_executable("mlflow"),
         "server",
         "--host",
         HOST,
@@ -119,8 +120,8 @@ def _child_env(s3_endpoint: str | None, creds: Credentials | None) -> dict[str, 
         # Secrets travel in the environment only: command lines are world-readable through `ps`.
         env |= {
             "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
-            "AWS_ACCESS_KEY_ID": creds.access_key,
-            "AWS_SECRET_ACCESS_KEY": creds.secret_key,
+            ACCESS_KEY_ID: creds.access_key,
+            SECRET_ACCESS_KEY: creds.secret_key,
             "AWS_DEFAULT_REGION": env.get("AWS_DEFAULT_REGION", "us-east-1"),
         }
     return env
@@ -139,8 +140,8 @@ def _healthy(info: ServicesInfo, layout: Layout) -> bool:
     except ServiceError:
         return False
     return (
-        procs.owns(info.s3.pid, _markers(layout, S3))
-        and procs.owns(info.mlflow.pid, _markers(layout, MLFLOW))
+        processes.owns(info.s3.pid, _markers(layout, S3))
+        and processes.owns(info.mlflow.pid, _markers(layout, MLFLOW))
         and health.s3_ready(info.s3_endpoint, creds)
         and health.mlflow_ready(info.mlflow_uri)
     )
@@ -169,9 +170,9 @@ def up(
     if importlib.util.find_spec("boto3") is None:
         raise ServiceError("mlflow server needs `boto3` to store artifacts in S3: pip install boto3")
     if s3_port is not None:
-        procs.require_free(s3_port, S3)
+        processes.require_free(s3_port, S3)
     if mlflow_port is not None:
-        procs.require_free(mlflow_port, MLFLOW)
+        processes.require_free(mlflow_port, MLFLOW)
     if s3_port is not None and s3_port == mlflow_port:
         raise ServiceError(f"{S3} and {MLFLOW} cannot share port {s3_port}")
 
@@ -179,7 +180,7 @@ def up(
     creds = load_or_create_credentials(layout)
     write_s3_identities(layout, creds)
     taken = {p for p in (s3_port, mlflow_port) if p is not None}
-    picked = iter(procs.free_ports(len(_WEED_INTERNAL) + 2, exclude=taken))
+    picked = iter(processes.free_ports(len(_WEED_INTERNAL) + 2, exclude=taken))
     s3_port = s3_port if s3_port is not None else next(picked)
     mlflow_port = mlflow_port if mlflow_port is not None else next(picked)
     internal = {flag: next(picked) for flag in _WEED_INTERNAL}
@@ -190,19 +191,21 @@ def up(
     try:
         weed_log = layout.log(S3)
         weed_cmd = weed_argv(layout, s3_port, internal)
-        weed = procs.spawn(weed_cmd, weed_log, _child_env(None, None), layout.root)
+        weed = processes.spawn(weed_cmd, weed_log, _child_env(None, None), layout.root)
         started.append((weed.pid, _markers(layout, S3)))
-        procs.wait_until(lambda: health.s3_ready(s3_endpoint, creds), weed, timeout, "SeaweedFS S3", weed_log)
+        processes.wait_until(
+            lambda: health.s3_ready(s3_endpoint, creds), weed, timeout, "SeaweedFS S3", weed_log
+        )
         health.ensure_bucket(s3_endpoint, creds, BUCKET)
 
         ml_log = layout.log(MLFLOW)
         ml_env = _child_env(s3_endpoint, creds) | MLFLOW_SERVER_ENV
-        ml = procs.spawn(mlflow_argv(layout, mlflow_port, BUCKET), ml_log, ml_env, layout.root)
+        ml = processes.spawn(mlflow_argv(layout, mlflow_port, BUCKET), ml_log, ml_env, layout.root)
         started.append((ml.pid, _markers(layout, MLFLOW)))
-        procs.wait_until(lambda: health.mlflow_ready(mlflow_uri), ml, timeout, "MLflow server", ml_log)
+        processes.wait_until(lambda: health.mlflow_ready(mlflow_uri), ml, timeout, "MLflow server", ml_log)
     except BaseException:
         for pid, markers in reversed(started):
-            procs.stop(pid, markers)
+            processes.stop(pid, markers)
         raise
 
     info = ServicesInfo(
@@ -216,8 +219,8 @@ def up(
 
 def _stop_recorded(info: ServicesInfo, layout: Layout) -> None:
     # MLflow first: it writes into S3, so the store goes last.
-    procs.stop(info.mlflow.pid, _markers(layout, MLFLOW))
-    procs.stop(info.s3.pid, _markers(layout, S3))
+    processes.stop(info.mlflow.pid, _markers(layout, MLFLOW))
+    processes.stop(info.s3.pid, _markers(layout, S3))
 
 
 def down(state_dir: Path = DEFAULT_STATE_DIR) -> None:
@@ -243,7 +246,7 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> ServicesStatus:
         creds = None
     states = []
     for rec in (info.s3, info.mlflow):
-        running = procs.owns(rec.pid, _markers(layout, rec.name))
+        running = processes.owns(rec.pid, _markers(layout, rec.name))
         if not running:
             healthy = False
         elif rec.name == S3:

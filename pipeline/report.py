@@ -12,7 +12,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from bockd.checkpoint import atomic_write
+from bockd.atomic import write_text
+from bockd.pipeline.records import EvaluationRecord, Registration, SelectionRecord, SummaryRow
 from bockd.significance import gain_noise, reading
 
 
@@ -39,16 +40,17 @@ def _pyplot() -> Any:
     return plt
 
 
-def accuracy_vs_size_plot(rows: list[dict[str, Any]], ensemble_top1: float | None) -> str:
+def accuracy_vs_size_plot(rows: list[SummaryRow], ensemble_top1: float | None) -> str:
+    """Top-1 (%) against parameters (log scale): students, their baselines, the ensemble; a PNG data URI."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    params = [r["params"] for r in rows]
-    ax.plot(params, [r["top1"] for r in rows], marker="o", label="BOC-KD student")
-    with_base = [r for r in rows if r.get("baseline_top1") is not None]
+    params = [r.params for r in rows]
+    ax.plot(params, [r.top1 for r in rows], marker="o", label="BOC-KD student")
+    with_base = [r for r in rows if r.baseline_top1 is not None]
     if with_base:
         ax.plot(
-            [r["params"] for r in with_base],
-            [r["baseline_top1"] for r in with_base],
+            [r.params for r in with_base],
+            [r.baseline_top1 for r in with_base],
             marker="s",
             linestyle="--",
             label="baseline (CE only)",
@@ -56,7 +58,7 @@ def accuracy_vs_size_plot(rows: list[dict[str, Any]], ensemble_top1: float | Non
     if ensemble_top1 is not None:
         ax.axhline(ensemble_top1, color="grey", linestyle=":", label="ensemble (mean of logits)")
     for r in rows:
-        ax.annotate(r["student"], (r["params"], r["top1"]), textcoords="offset points", xytext=(4, 6))
+        ax.annotate(r.label, (r.params, r.top1), textcoords="offset points", xytext=(4, 6))
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("top-1 test accuracy (%)")
@@ -84,43 +86,41 @@ def training_curves_plot(history: list[dict[str, float]], labels: list[str]) -> 
 
 
 def summary_rows(
-    evaluations: list[dict[str, Any]],
+    evaluations: list[EvaluationRecord],
     baselines: dict[int, float],
-    registrations: list[dict[str, Any]],
+    registrations: list[Registration],
     chosen: list[int],
-) -> list[dict[str, Any]]:
-    """One row per student: what the report, the CLI summary and MLflow tags all show."""
-    versions = {int(r["student"]): r for r in registrations}
+) -> list[SummaryRow]:
+    """One row per student: what the report, the CLI summary and MLflow tags all show.
+
+    ``baselines``: student number -> its baseline's top-1 (%); ``chosen``: the selected student numbers.
+    """
+    versions = {r.student: r for r in registrations}
     rows = []
-    for ev in sorted(evaluations, key=lambda e: e["student_number"]):
-        k = int(ev["student_number"])
+    for ev in sorted(evaluations, key=lambda e: e.student):
+        k = ev.student
         base = baselines.get(k)
-        reg = versions.get(k, {})
+        reg = versions.get(k)
+        gain = None if base is None else ev.top1 - base
         rows.append(
-            {
-                "student": f"S{k}",
-                "number": k,
-                "params": int(ev["params"]),
-                "size_pct": float(ev["size_pct"]),
-                "top1": float(ev["top1"]),
-                "top5": float(ev["top5"]),
-                "baseline_top1": base,
-                "gain": None if base is None else float(ev["top1"]) - base,
+            SummaryRow(
+                student=k,
+                label=ev.label,
+                params=ev.params,
+                size_pct=ev.size_pct,
+                top1=ev.top1,
+                top5=ev.top5,
+                baseline_top1=base,
+                gain=gain,
                 # One run, one seed: a gain only counts beyond the test set's binomial noise.
-                "gain_noise": None
-                if base is None
-                else gain_noise(base, float(ev["top1"]), int(ev["num_test"])),
-                "gain_reading": (
-                    None
-                    if base is None
-                    else reading(float(ev["top1"]) - base, base, float(ev["top1"]), int(ev["num_test"]))
-                ),
-                "flops": int(ev["flops"]),
-                "latency_ms": ev.get("latency_ms", {}).get("1", {}).get("p50"),
-                "model": reg.get("name"),
-                "version": reg.get("version"),
-                "selected": k in chosen,
-            }
+                gain_noise=None if base is None else gain_noise(base, ev.top1, ev.num_test),
+                gain_reading=None if gain is None else reading(gain, base, ev.top1, ev.num_test),
+                flops=ev.flops,
+                latency_ms=ev.latency_p50_ms,
+                registered_model=reg.registered_model if reg else None,
+                version=reg.version if reg else None,
+                selected=k in chosen,
+            )
         )
     return rows
 
@@ -133,17 +133,17 @@ def format_optional(value: Any, spec: str = "", missing: str = "-") -> str:
 WITHIN_NOISE_MARK = "≈"
 
 
-def format_gain(row: dict[str, Any]) -> str:
+def format_gain(row: SummaryRow) -> str:
     """A row's gain in points, marked ``≈`` when it lies within the test set's noise band."""
-    if row.get("gain") is None:
+    if row.gain is None:
         return "-"
-    mark = f" {WITHIN_NOISE_MARK}" if row.get("gain_reading") == "within noise" else ""
-    return f"{row['gain']:+.2f}{mark}"
+    mark = f" {WITHIN_NOISE_MARK}" if row.gain_reading == "within noise" else ""
+    return f"{row.gain:+.2f}{mark}"
 
 
-def noise_legend(rows: list[dict[str, Any]]) -> str:
+def noise_legend(rows: list[SummaryRow]) -> str:
     """One sentence saying what ``≈`` means for these rows, with the widest band among them."""
-    bands = [r["gain_noise"] for r in rows if r.get("gain_noise") is not None]
+    bands = [r.gain_noise for r in rows if r.gain_noise is not None]
     if not bands:
         return ""
     return (
@@ -152,7 +152,7 @@ def noise_legend(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def _table(rows: list[SummaryRow]) -> str:
     head = [
         "student", "params", "size %", "top-1 %", "top-5 %", "baseline top-1 %", "gain",
         "MFLOPs", "latency b1 ms", "MLflow model", "version", "selected",
@@ -160,18 +160,18 @@ def _table(rows: list[dict[str, Any]]) -> str:
     body = []
     for r in rows:
         cells = [
-            r["student"],
-            f"{r['params']:,}",
-            f"{r['size_pct']:.1f}",
-            f"{r['top1']:.2f}",
-            f"{r['top5']:.2f}",
-            format_optional(r["baseline_top1"], ".2f"),
+            r.label,
+            f"{r.params:,}",
+            f"{r.size_pct:.1f}",
+            f"{r.top1:.2f}",
+            f"{r.top5:.2f}",
+            format_optional(r.baseline_top1, ".2f"),
             format_gain(r),
-            f"{r['flops'] / 1e6:.2f}",
-            format_optional(r["latency_ms"], ".2f"),
-            format_optional(r["model"]),
-            format_optional(r["version"]),
-            "yes" if r["selected"] else "no",
+            f"{r.flops / 1e6:.2f}",
+            format_optional(r.latency_ms, ".2f"),
+            format_optional(r.registered_model),
+            format_optional(r.version),
+            "yes" if r.selected else "no",
         ]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
@@ -192,8 +192,8 @@ def render_report(
     *,
     title: str,
     facts: dict[str, str],
-    rows: list[dict[str, Any]],
-    selection: dict[str, Any],
+    rows: list[SummaryRow],
+    selection: SelectionRecord,
     history: list[dict[str, float]],
     confusion_pngs: dict[str, Path],
     ensemble_top1: float | None,
@@ -202,11 +202,13 @@ def render_report(
     esc = html.escape
     fact_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in facts.items())
     reasons = []
-    for kind in ("chosen", "rejected"):
-        for c in selection["selection"][kind]:
-            reasons.append(f'<li class="{kind}"><b>{esc(c["name"])}</b> {kind}: {esc(c["reason"])}</li>')
-    promotions = "".join(f"<li>{esc(p['name'])}: {esc(p['message'])}</li>" for p in selection["promotions"])
-    labels = [r["student"].lower() for r in rows]
+    for kind, choices in (("chosen", selection.selection.chosen), ("rejected", selection.selection.rejected)):
+        for c in choices:
+            reasons.append(f'<li class="{kind}"><b>{esc(c.name)}</b> {kind}: {esc(c.reason)}</li>')
+    promotions = "".join(
+        f"<li>{esc(p.registered_model)}: {esc(p.message)}</li>" for p in selection.promotions
+    )
+    labels = [r.label.lower() for r in rows]
     confusions = "".join(
         f'<figure><img src="{_png_to_data_uri(path)}" alt="confusion matrix of {esc(name)}">'
         f"<figcaption>{esc(name)}</figcaption></figure>"
@@ -223,7 +225,7 @@ def render_report(
 {_table(rows)}
 <p>{html.escape(noise_legend(rows))}</p>
 <h2>Selection</h2>
-<p>Policy: <code>{esc(str(selection["policy"] or "every student"))}</code></p>
+<p>Policy: <code>{esc(str(selection.policy or "every student"))}</code></p>
 <ul class="reasons">{"".join(reasons)}</ul>
 {f"<h3>@champion</h3><ul>{promotions}</ul>" if promotions else ""}
 <h2>Training</h2>
@@ -236,6 +238,5 @@ def render_report(
 
 def write_report(path: str | Path, content: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(content, encoding="utf-8"))
+    write_text(path, content)
     return path

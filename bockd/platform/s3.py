@@ -11,14 +11,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from bockd.atomic import atomic_dir
 from bockd.errors import DataError
+from bockd.platform.credentials import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
     from minio import Minio
@@ -65,8 +65,8 @@ def client(endpoint: str | None = None) -> Minio:
         raise DataError(f"S3 endpoint: expected http(s)://host:port, got {endpoint!r}")
     return Minio(
         parsed.netloc,
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        access_key=os.environ.get(ACCESS_KEY_ID),
+        secret_key=os.environ.get(SECRET_ACCESS_KEY),
         secure=parsed.scheme == "https",
         region=os.environ.get("AWS_DEFAULT_REGION") or None,
     )
@@ -106,18 +106,11 @@ def download_prefix(uri: str, dest: str | os.PathLike[str], endpoint: str | None
     single = len(objects) == 1 and objects[0].object_name == loc.prefix
     base = loc.prefix.rsplit("/", 1)[0] if single else loc.prefix
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest, DataError) as tmp:
         for obj in objects:
             target = tmp.joinpath(*_relative_key(obj.object_name, base).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             minio.fget_object(loc.bucket, obj.object_name, str(target))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest / PurePosixPath(loc.prefix).name if single else dest
 
 

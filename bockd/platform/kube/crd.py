@@ -1,9 +1,9 @@
 """Validate a Kubernetes custom resource against its CRD's ``openAPIV3Schema``, offline.
 
 There is no API server to dry-run against, so generated InferenceServices (and the manifests' other custom
-resources) are checked against the real CRD files in ``shared/schemas``. A CRD schema is OpenAPI v3, close
-to JSON Schema draft 4, plus ``x-kubernetes-*`` extensions that jsonschema does not know; they are
-translated here:
+resources) are checked against the real CRD files (the tests vendor them in ``tests/crds``). A CRD schema
+is OpenAPI v3, close to JSON Schema draft 4, plus ``x-kubernetes-*`` extensions that jsonschema does not
+know; they are translated here:
 
 - ``x-kubernetes-int-or-string: true``: integer or string (an ``anyOf`` is added when the CRD has none);
 - ``x-kubernetes-preserve-unknown-fields: true``: any field is allowed in that object;

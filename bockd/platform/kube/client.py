@@ -15,6 +15,7 @@ would need cluster-scoped RBAC.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -70,19 +71,17 @@ def load_kube_config(error: type[BockdError] = BockdError) -> Any:
     return configuration
 
 
-def check_quantity(value: Any, field_name: str) -> None:
-    """A positive Kubernetes quantity (``2``, ``500m``, ``4Gi``), parsed by the Kubernetes client's own
-    ``kubernetes.utils.parse_quantity``; `ConfigError` naming ``field_name`` otherwise."""
-    from kubernetes.utils import parse_quantity
+def condition(obj: Mapping[str, Any] | None, kind: str) -> dict[str, Any]:
+    """The ``status.conditions`` entry of type ``kind`` of a resource ({} when it has none yet)."""
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind:
+            return c
+    return {}
 
-    try:
-        ok = isinstance(value, str) and not any(c.isspace() for c in value) and parse_quantity(value) > 0
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ConfigError(
-            f"{field_name}: {value!r} is not a positive Kubernetes quantity (e.g. 2, 500m, 4Gi)"
-        )
+
+def is_true(obj: Mapping[str, Any] | None, kind: str) -> bool:
+    """Whether condition ``kind`` of a resource has status ``"True"``."""
+    return condition(obj, kind).get("status") == "True"
 
 
 def status_message(e: Any) -> str:

@@ -8,7 +8,7 @@ import urllib.request
 import minio
 import urllib3
 
-from bockd.services.state import Credentials
+from bockd.platform.services.state import Credentials
 
 # A local probe must never go through an HTTP proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -24,7 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from bockd.export import CONFIG_FILE, ONNX_FILE, read_student_config
+from bockd.errors import ConfigError
+from bockd.export_format import CONFIG_FILE, ONNX_FILE, read_student_config
 
 CHAMPION = "champion"
 
@@ -152,3 +153,23 @@ def promote_champion(
     client.set_model_version_tag(name, version, f"alias.{CHAMPION}.set", f"{stamp} by run {run_id}")
     previous = f" (was v{current.version})" if current is not None else " (first champion)"
     return True, f"v{version} is now {CHAMPION} at {top1:.2f} %{previous}"
+
+
+def storage_uri(mlflow: MlflowClient, name: str, version: str, artifacts_destination: str) -> str:
+    """The S3 location of a registered version's files, as KServe's storage initializer needs it.
+
+    An MLflow server that proxies artifacts hands out ``mlflow-artifacts:/<path>``; the files are at
+    ``<artifacts_destination>/<path>`` (the server's ``--artifacts-destination``).
+    """
+    uri = mlflow.get_model_version_download_uri(name, version)
+    if uri.startswith("runs:/"):  # a version registered from a run's artifacts: resolve the run's root
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        uri = f"{mlflow.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+    if uri.startswith("mlflow-artifacts:"):
+        path = uri.removeprefix("mlflow-artifacts:").lstrip("/")
+        return f"{artifacts_destination.rstrip('/')}/{path}"
+    if uri.startswith("s3://"):
+        return uri
+    raise ConfigError(
+        f"{name} v{version}: its files are at {uri!r}; KServe here can read only s3:// locations"
+    )

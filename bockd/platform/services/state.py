@@ -8,12 +8,13 @@ PIDs, ports and endpoints only.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bockd.services.errors import ServiceError
+from bockd.atomic import write_text
+from bockd.platform.credentials import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+from bockd.platform.services.errors import ServiceError
 
 BUCKET = "bockd"
 CREDENTIALS_FILE = "credentials.env"
@@ -66,13 +67,8 @@ class Credentials:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write a file that is 0600 from its creation (O_EXCL: never reuse a file someone else made)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """A file that is 0600 from its creation (a fresh O_EXCL temporary file: never one someone else made)."""
+    write_text(path, text, mode=0o600)
 
 
 def load_or_create_credentials(layout: Layout) -> Credentials:
@@ -82,7 +78,7 @@ def load_or_create_credentials(layout: Layout) -> Credentials:
     creds = Credentials(access_key="bockd-" + secrets.token_hex(8), secret_key=secrets.token_urlsafe(32))
     _write_private(
         layout.credentials,
-        f"AWS_ACCESS_KEY_ID={creds.access_key}\nAWS_SECRET_ACCESS_KEY={creds.secret_key}\n",
+        f"{ACCESS_KEY_ID}={creds.access_key}\n{SECRET_ACCESS_KEY}={creds.secret_key}\n",
     )
     return creds
 
@@ -97,7 +93,7 @@ def read_credentials(layout: Layout) -> Credentials:
         key, sep, value = line.partition("=")
         if sep:
             values[key.strip()] = value.strip()
-    return Credentials(values.get("AWS_ACCESS_KEY_ID", ""), values.get("AWS_SECRET_ACCESS_KEY", ""))
+    return Credentials(values.get(ACCESS_KEY_ID, ""), values.get(SECRET_ACCESS_KEY, ""))
 
 
 def write_s3_identities(layout: Layout, creds: Credentials) -> None:
@@ -152,8 +148,8 @@ class ServicesInfo:
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
             "BOCKD_S3_ENDPOINT": self.s3_endpoint,
-            "AWS_ACCESS_KEY_ID": creds.access_key,
-            "AWS_SECRET_ACCESS_KEY": creds.secret_key,
+            ACCESS_KEY_ID: creds.access_key,
+            SECRET_ACCESS_KEY: creds.secret_key,
         }
 
     def to_json(self) -> str:
@@ -163,9 +159,7 @@ class ServicesInfo:
 
 
 def save_record(layout: Layout, info: ServicesInfo) -> None:
-    tmp = layout.record.with_name(RECORD_FILE + ".tmp")
-    tmp.write_text(info.to_json() + "\n", encoding="utf-8")
-    os.replace(tmp, layout.record)
+    write_text(layout.record, info.to_json() + "\n")
 
 
 def load_record(layout: Layout) -> ServicesInfo | None:

@@ -1,19 +1,25 @@
-"""Process plumbing: free ports, spawning into a new session, ownership-checked stopping, waiting."""
+"""Process plumbing: free ports, spawning into a new session, ownership-checked stopping, waiting.
+
+Ownership is read through psutil (a PID's command line and state, portably), never by hand from /proc.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
-from bockd.services.errors import ServiceError
+import psutil
+
+from bockd.platform.polling import poll_until
+from bockd.platform.services.errors import ServiceError
 
 HOST = "127.0.0.1"
 
@@ -81,53 +87,49 @@ def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> 
 
 
 def cmdline(pid: int) -> list[str]:
+    """The command line of ``pid`` ([] when there is no such process or it cannot be read)."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
         return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def owns(pid: int, markers: Sequence[str]) -> bool:
     """True if `pid` is alive and its command line still holds every marker (program name, state path).
 
-    A PID recycled by the kernel for some other program must never be signalled.
+    A PID recycled by the kernel for some other program must never be signalled; a zombie (exited, not yet
+    reaped) is not alive.
     """
     if pid <= 0:
         return False
-    args = cmdline(pid)
-    if not args or _is_zombie(pid):
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        args = process.cmdline()
+    except psutil.Error:  # gone, a zombie psutil saw first, or not ours to read
         return False
     joined = "\0".join(args)
-    return all(m in joined for m in markers)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+    return bool(args) and all(m in joined for m in markers)
 
 
 def stop(pid: int, markers: Sequence[str], timeout: float = 15.0) -> bool:
     """SIGTERM the process group of `pid`, SIGKILL it after `timeout`. Returns True if it was ours."""
     if not owns(pid, markers):
         return False
+
+    def gone() -> bool:
+        _reap(pid)
+        return not owns(pid, markers)
+
     with contextlib.suppress(ProcessLookupError):
         # We started it with start_new_session, so its PGID is its PID; fall back to the PID alone.
         pgid = os.getpgid(pid)
         target = (os.killpg, pgid) if pgid == pid else (os.kill, pid)
         target[0](target[1], signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and owns(pid, markers):
-            _reap(pid)
-            time.sleep(0.1)
-        if owns(pid, markers):
+        if not poll_until(gone, timeout, 0.1):
             target[0](target[1], signal.SIGKILL)
-            while owns(pid, markers):
-                _reap(pid)
-                time.sleep(0.05)
+            poll_until(gone, math.inf, 0.05)  # SIGKILL cannot be refused
     _reap(pid)
     return True
 
@@ -141,11 +143,12 @@ def _reap(pid: int) -> None:
 def wait_until(
     check: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float, what: str, log: Path
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Poll ``check`` until it is true; `ServiceError` if ``proc`` exits first or ``timeout`` s pass."""
+
+    def ready() -> bool:
         if proc.poll() is not None:
             raise ServiceError(f"{what} exited with status {proc.returncode} while starting; see {log}")
-        if check():
-            return
-        time.sleep(0.25)
-    raise ServiceError(f"{what} was not healthy after {timeout:.0f} s; see {log}")
+        return check()
+
+    if not poll_until(ready, timeout, 0.25):
+        raise ServiceError(f"{what} was not healthy after {timeout:.0f} s; see {log}")
