@@ -30,3 +30,23 @@ def synthetic_dataset(n: int, image_size: int = 32, channels: int = 3, num_class
     return ImageDataset(
         name="synthetic", classes=[str(c) for c in range(num_classes)], train=split, test=split
     )
+
+
+def run_dataset(card: dict, data_path: str | None) -> ImageDataset:
+    """The dataset a finished run trained on (its ``model.json`` card: data settings and sha256), read from
+    ``data_path`` (default: the run's ``data.path``); DataError when the content is not the run's."""
+    from bockd.config import build_config
+    from bockd.engine import load_training_data
+    from bockd.errors import DataError
+
+    settings = dict(card["config"]["data"])
+    if data_path:
+        settings["path"] = data_path
+    dataset = load_training_data(build_config(None, {"data": settings}))
+    recorded = card["dataset"]["sha256"]
+    if dataset.sha256() != recorded:
+        raise DataError(
+            f"data: the data read is not the run's (sha256 {dataset.sha256()[:12]} != {recorded[:12]}); "
+            "is --data-path the run's dataset?"
+        )
+    return dataset

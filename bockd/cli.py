@@ -1,4 +1,5 @@
-"""The ``bockd`` command line: models, train, export, reproduce, services, pipeline, serve, predict."""
+"""The ``bockd`` command line: models, train, export, quantize, cascade, reproduce, study, services, pipeline,
+serve, predict."""
 
 from __future__ import annotations
 
@@ -89,6 +90,97 @@ def _cmd_export(args: argparse.Namespace) -> int:
     index = None if args.student is None else args.student - 1
     out = export_student(args.run, args.out, index, onnx=not args.no_onnx)
     print(out)
+    return 0
+
+
+def _student_data(args: argparse.Namespace, config: dict[str, Any]) -> tuple[Any, bool]:
+    """The dataset the exported student (its ``config``) was trained on, loaded with the data settings in
+    ``args``; and whether it is the very dataset (the sha256 the training run recorded)."""
+    from bockd.engine import load_training_data
+
+    trained_on = config.get("dataset") or {}
+    data = {
+        "dataset": args.dataset or trained_on.get("name"),
+        "path": args.data_path,
+        "image_size": args.image_size,
+        "train_subset": args.train_subset,
+        "val_fraction": args.val_fraction,
+        "split_seed": args.split_seed,
+    }
+    dataset = load_training_data(
+        build_config(None, {"data": {k: v for k, v in data.items() if v is not None}})
+    )
+    return dataset, trained_on.get("sha256") == dataset.sha256()
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from bockd.export_format import read_student_config
+    from bockd.quantize import quantize_and_check
+
+    dataset, same = _student_data(args, read_student_config(args.student))
+    if not same:
+        logging.getLogger("bockd.cli").warning(
+            "these data settings do not give the dataset the student was trained on (sha256 differs): "
+            "calibration images may not come from its training split"
+        )
+    check = quantize_and_check(
+        args.student,
+        args.out,
+        dataset.train.x,
+        dataset.test.x,
+        dataset.test.y,
+        max_drop=args.max_drop,
+        max_images=args.calibration_images,
+    )
+    verdict = "passed" if check.passed else "FAILED"
+    print(
+        f"{check.student}: fp32 {check.fp32_top1:.2f} %, int8 {check.int8_top1:.2f} % "
+        f"(drop {check.drop:+.2f} points, limit {check.max_drop:.2f}: {verdict}); "
+        f"model.onnx {check.fp32_bytes:,} -> {check.int8_bytes:,} bytes; {args.out}"
+    )
+    return 0 if check.passed else 1
+
+
+def _cmd_cascade(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from bockd.cascade import build_cascade, evaluate_cascade
+    from bockd.errors import DataError
+    from bockd.export_format import read_student_config
+    from bockd.onnx_student import OnnxStudent, softmax
+
+    dataset, same = _student_data(args, read_student_config(args.students[0]))
+    if not same or dataset.val is None:
+        raise DataError(
+            "data: the thresholds need the validation split the students' training held out: pass the "
+            "training run's data settings (--val-fraction > 0, --split-seed, --train-subset, --image-size) "
+            "so that the dataset's sha256 equals the one in the students' config.json"
+        )
+    students = [OnnxStudent(folder) for folder in args.students]
+    batch = dataset.val.x[: args.cost_batch]
+    costs = args.costs or [s.forward_ms(batch) / len(batch) for s in students]
+    fit = build_cascade(
+        args.students,
+        args.out,
+        dataset.val.x,
+        dataset.val.y,
+        costs,
+        target_top1=args.target_top1,
+        max_drop=args.max_drop,
+    )
+    test = [softmax(s.logits(dataset.test.x)) for s in students]
+    result = evaluate_cascade(test, dataset.test.y, fit.thresholds, costs)
+    singles = ", ".join(
+        f"{s.config['student']} {100.0 * float(np.mean(p.argmax(1) == dataset.test.y)):.2f} %"
+        for s, p in zip(students, test, strict=True)
+    )
+    print(
+        f"thresholds {', '.join(f'{t:.4f}' for t in fit.thresholds)} "
+        f"(validation: {fit.val_top1:.2f} % for a target of {fit.target_top1:.2f} %, "
+        f"{'reached' if fit.reached else 'NOT reached'})"
+    )
+    print(f"test: cascade {json.dumps(result)}; alone: {singles}")
+    print(args.out)
     return 0
 
 
@@ -196,8 +288,11 @@ def _resolve_model(source: str, cache: Path) -> Path:
         target.mkdir(parents=True, exist_ok=True)
         return Path(download_artifacts(artifact_uri=source, dst_path=str(target)))
     folder = Path(source)
-    if not (folder / "config.json").is_file():
-        raise BockdError(f"--model: {source!r} is not an exported student folder (no config.json)")
+    if not any((folder / card).is_file() for card in ("config.json", "cascade.json")):
+        raise BockdError(
+            f"--model: {source!r} is neither an exported student folder (config.json) nor a cascade "
+            "(cascade.json, bockd cascade)"
+        )
     return folder
 
 
@@ -278,6 +373,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--no-onnx", action="store_true")
     p.set_defaults(func=_cmd_export)
+
+    def student_data(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dataset", choices=DATASETS, help="default: the one in the student's config.json")
+        p.add_argument("--data-path", help="dataset file or folder; default: the dataset's default")
+        p.add_argument("--image-size", type=int, help="as the training run's data.image_size")
+        p.add_argument("--train-subset", type=int, help="as the training run's data.train_subset")
+        p.add_argument("--val-fraction", type=float, help="as the training run's data.val_fraction")
+        p.add_argument("--split-seed", type=int, help="as the training run's data.split_seed")
+
+    p = sub.add_parser(
+        "quantize", help="int8 student (ONNX Runtime static quantization), checked on the test set"
+    )
+    p.add_argument("student", help="an exported student folder (config.json + model.onnx)")
+    p.add_argument(
+        "--out", required=True, help="folder to write: int8 model.onnx, config.json, quantization.json"
+    )
+    p.add_argument("--max-drop", type=float, default=1.0, help="largest top-1 drop allowed, in points")
+    p.add_argument("--calibration-images", type=int, default=512, help="training images to calibrate on")
+    student_data(p)
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser(
+        "cascade", help="confidence cascade of students, thresholds fitted on the validation split"
+    )
+    p.add_argument("students", nargs="+", help="exported student folders, smallest first (e.g. s5 s3 s1)")
+    p.add_argument("--out", required=True, help="folder to write: cascade.json and the students")
+    p.add_argument(
+        "--max-drop", type=float, default=0.5, help="target: the largest student's top-1 minus this"
+    )
+    p.add_argument("--target-top1", type=float, help="target validation top-1 (%%) instead of --max-drop")
+    p.add_argument("--costs", type=float, nargs="+", help="ms per image per student (default: measured here)")
+    p.add_argument("--cost-batch", type=int, default=32, help="batch size of the cost measurement")
+    student_data(p)
+    p.set_defaults(func=_cmd_cascade)
 
     p = sub.add_parser("reproduce", help="ensemble + every baseline on one schedule; table and plot")
     p.add_argument("--dataset", choices=DATASETS, default="digits")

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 from kfp import dsl
 
+from bockd.components.cascade import cascade
 from bockd.components.evaluate import evaluate
+from bockd.components.measure import measure
 from bockd.components.prepare_data import prepare_data
+from bockd.components.quantize import quantize
 from bockd.components.register import register
 from bockd.components.report import report
 from bockd.components.select import select
@@ -30,6 +33,9 @@ class Components:
     train_distributed: dsl.base_component.BaseComponent
     train_baseline: dsl.base_component.BaseComponent
     evaluate: dsl.base_component.BaseComponent
+    quantize: dsl.base_component.BaseComponent
+    measure: dsl.base_component.BaseComponent
+    cascade: dsl.base_component.BaseComponent
     register: dsl.base_component.BaseComponent
     select: dsl.base_component.BaseComponent
     report: dsl.base_component.BaseComponent
@@ -49,6 +55,9 @@ def make_components(trainer_image: str) -> Components:
         train_distributed=on(trainer_image, train_distributed),
         train_baseline=on(trainer_image, train_baseline),
         evaluate=on(trainer_image, evaluate),
+        quantize=on(trainer_image, quantize),
+        measure=on(trainer_image, measure),
+        cascade=on(trainer_image, cascade),
         register=on(trainer_image, register),
         select=on(trainer_image, select),
         report=on(trainer_image, report),

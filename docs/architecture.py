@@ -31,7 +31,8 @@ LAYERS = [
     (
         "platform",
         "bockd.platform: s3, tracking + model_registry (MLflow), kube (client, names, CRDs),\n"
-        "inference_service (KServe rollout), trainjob (Trainer launcher), services (local stack)",
+        "inference_service (KServe rollout), trainjob (Trainer launcher), services (local stack),\n"
+        "serving_benchmark (latency through the real model server)",
         "#d5e8d4",
     ),
     (
@@ -61,7 +62,14 @@ STEPS = [
         "s3 checkpoints",
     ),
     ("evaluate", "EvaluationRecord (evaluation.json)\n+ confusion.png, per student", ""),
-    ("register", "Registrations", "model_registry (MLflow)"),
+    ("quantize", "QuantizationRecord + int8 student,\nper student (after its evaluate)", ""),
+    (
+        "measure",
+        "MeasurementsRecord: every student, fp32\n+ int8, through the model server",
+        "serving_benchmark, tracking",
+    ),
+    ("cascade", "CascadeRecord + cascade folder:\nthresholds fitted on the validation split", "tracking"),
+    ("register", "Registrations (fp32 + passed int8\n+ the cascade)", "model_registry (MLflow)"),
     ("select", "SelectionRecord (+ @champion)", "model_registry"),
     ("report", "HTML report + Summary", "tracking"),
     ("deploy", "Endpoints", "inference_service (cluster)\nservices.model_servers (local)"),

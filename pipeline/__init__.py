@@ -1,10 +1,12 @@
 """The bockd Kubeflow pipeline (installed as ``bockd.pipeline``): the steps and the DAG that runs them.
 
-- `steps`: what each step does, as plain functions over folders (prepare -> train -> evaluate -> register
-  -> select -> report -> deploy); `records`: the typed records they hand each other; `selection`: the
-  selection policy; `report`: the HTML report; `trainjob_worker`: the train step on each TrainJob rank;
+- `steps`: what each step does, as plain functions over folders (prepare -> train -> evaluate + quantize
+  -> measure -> cascade -> register -> select -> report -> deploy); `records`: the typed records they
+  hand each other; `selection`: the selection policy; `report`: the HTML report; `trainjob_worker`: the
+  train step on each TrainJob rank;
 - `pipeline`: the ``@dsl.pipeline`` over the KFP components (``bockd.components``); `parameters` and
-  `settings`: its run parameters and compile-time settings;
+  `settings`: its run parameters and compile-time settings; `options`: the quantization, measurement
+  and cascade parameters;
 - `local`: a whole run under ``kfp.local``; `summary`: what that run prints; `cluster`: submit, schedule
   and manage runs on a Kubeflow Pipelines API server; `cli`: ``bockd pipeline ...``.
 
@@ -15,6 +17,7 @@ __all__ = [
     "cli",
     "cluster",
     "local",
+    "options",
     "parameters",
     "pipeline",
     "records",

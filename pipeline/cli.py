@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from bockd.config import PRESETS, build_config, load_config, parse_assignments
+from bockd.config import PRESETS, build_config, load_config, merge_overrides, parse_assignments
 from bockd.errors import ConfigError
+from bockd.pipeline.options import DEFAULT_VAL_FRACTION
 
 # The quick start's choice: the most accurate student at most 30 % the size of S1.
 DEMO_POLICY = {"max_size_pct": 30, "best_only": True}
@@ -51,6 +52,11 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
             node[key] = value
     over.setdefault("runtime", {}).setdefault("progress", "log")
     config = load_config(args.config, over) if args.config else build_config(args.preset, over)
+    if "val_fraction" not in config.data.model_fields_set:
+        # No preset holds one out; unless --set or the config file says otherwise, the pipeline's default
+        # validation split does, so that the cascade can be fitted (DEFAULT_TRAIN_CONFIG holds the same).
+        held_out = {"data": {"val_fraction": DEFAULT_VAL_FRACTION}}
+        config = build_config(None, merge_overrides(config.to_dict(), held_out))
     return config.to_dict()
 
 
@@ -75,21 +81,29 @@ def _run_parameters(args: argparse.Namespace, **fixed: Any) -> Any:
         "mlflow_experiment": args.mlflow_experiment,
         "checkpoint_uri": args.checkpoint_uri or "",
         "eval_device": args.eval_device,
+        "quantization": _mapping(args.quantization, "--quantization"),
+        "measurement": _mapping(args.measurement, "--measurement"),
+        "cascade": _mapping(args.cascade, "--cascade"),
     }
     if args.mlflow_uri:
         values["mlflow_tracking_uri"] = args.mlflow_uri
     return RunParameters.build(**{**values, **fixed})
 
 
-def _settings(args: argparse.Namespace) -> Any:
-    from bockd.pipeline.settings import GpuNode, PipelineSettings
-
+def _labels(pairs: list[str] | None, flag: str) -> dict[str, str]:
     selector = {}
-    for pair in args.node_selector or []:
+    for pair in pairs or []:
         label, sep, value = pair.partition("=")
         if not sep or not label:
-            raise ConfigError(f"--node-selector: expected LABEL=VALUE, got {pair!r}")
+            raise ConfigError(f"{flag}: expected LABEL=VALUE, got {pair!r}")
         selector[label] = value
+    return selector
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from bockd.pipeline.settings import GpuNode, MeasureNode, PipelineSettings
+
+    selector = _labels(args.node_selector, "--node-selector")
     gpu = None
     if args.gpus > 0:
         gpu = GpuNode(
@@ -110,6 +124,11 @@ def _settings(args: argparse.Namespace) -> Any:
         retries=args.retries,
         num_nodes=args.num_nodes,
         staging_uri=args.staging_uri,
+        measure=MeasureNode(
+            cpu=args.measure_cpu or None,
+            memory=args.measure_memory,
+            node_selector=_labels(args.measure_node_selector, "--measure-node-selector"),
+        ),
     )
 
 
@@ -143,6 +162,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         local_serving_dir=str(state / "serving"),
         checkpoint_uri=args.checkpoint_uri or "s3://bockd/checkpoints",
     )
+    if not args.no_deploy and params.fits_cascade:
+        # The quick start serves the cascade beside the chosen student: one more local model server.
+        params = params.model_copy(update={"deploy_options": {**params.deploy_options, "cascade": True}})
     _check_local_data(params.train_config)  # before anything starts; S3 buckets once the store is up
     from bockd.platform.services import up
 
@@ -276,7 +298,24 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         "--policy",
         help="selection policy, inline YAML or @file (default: "
         f"{json.dumps(DEMO_POLICY)}); keys: students, min_top1, max_params, max_size_pct, "
-        "max_latency_ms, pareto, beat_champion, best_only",
+        "max_latency_ms (served p50 of one image, measured), pareto, beat_champion, best_only",
+    )
+    g.add_argument(
+        "--quantization",
+        help="int8 versions, inline YAML or @file (default: {enabled: true, max_drop: 1.0, "
+        "calibration_images: 512}); also per_channel, reduce_range",
+    )
+    g.add_argument(
+        "--measurement",
+        help="latency through the model server, inline YAML or @file (default: {enabled: true, "
+        "batch_sizes: [1, 32], requests: 30, batch_requests: 8, warmup: 3, threads: 1}); also "
+        "confidence, min_speedup (the int8 faster rule)",
+    )
+    g.add_argument(
+        "--cascade",
+        help="confidence cascade, inline YAML or @file (default: {enabled: true, students: [] (the "
+        "smallest, the middle and the largest), max_drop: 0.5}); or target_top1 instead of max_drop. "
+        "Fitted on the validation split (data.val_fraction, default 0.1 here)",
     )
     g.add_argument("--model-prefix", default="bockd", help="registered models are PREFIX-DATASET-ARCH-sK")
     g.add_argument("--mlflow-uri", help="MLflow tracking server (local runs: the embedded one)")
@@ -312,6 +351,17 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
         "--num-nodes", type=int, default=1, help="training nodes; >1 (or --gpus >1) trains through a TrainJob"
     )
     g.add_argument("--staging-uri", default="s3://bockd/staging", help="TrainJob request, data copy, outputs")
+    g.add_argument(
+        "--measure-cpu",
+        help="CPU request and limit of the measure step, as the serving pods get (default: none)",
+    )
+    g.add_argument("--measure-memory", default="4Gi", help="memory of the measure step (with --measure-cpu)")
+    g.add_argument(
+        "--measure-node-selector",
+        action="append",
+        metavar="LABEL=VALUE",
+        help="run the measure step on the node type that serves (repeatable)",
+    )
 
 
 def _deploy_options(p: argparse.ArgumentParser) -> None:
@@ -323,7 +373,8 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="canary_traffic_percent, deployment_mode (Knative|Standard), min_replicas, max_replicas, "
-        "scale_metric, scale_target, service_account, runtime, backend, timeout_s",
+        "scale_metric, scale_target, service_account, runtime, backend, timeout_s, cascade (true: also "
+        "deploy the fitted cascade as one InferenceService)",
     )
     g.add_argument(
         "--mlflow-artifacts",

@@ -23,7 +23,7 @@ from typing import TextIO
 
 from bockd.errors import BockdError
 from bockd.pipeline.parameters import RunParameters
-from bockd.pipeline.records import Endpoint, Endpoints, Summary, SummaryRow
+from bockd.pipeline.records import CascadeEndpoint, CascadeRecord, Endpoint, Endpoints, Summary, SummaryRow
 
 _TASK_LINE = re.compile(r"Task '([\w-]+)' finished with status (\w+)")  # matched once ANSI codes are gone
 _TASK_START = re.compile(r"Executing task '[\w-]+'")
@@ -40,13 +40,20 @@ class LocalRunError(BockdError):
 class LocalRun:
     run_dir: Path
     log: Path
-    outputs: dict[str, str]  # output name -> local path (dataset, report, summary, endpoints)
+    outputs: dict[str, str]  # output name -> local path (dataset, report, summary, endpoints, cascade)
 
     def summary(self) -> list[SummaryRow]:
         return Summary.read(self.outputs["summary"]).rows
 
     def endpoints(self) -> list[Endpoint]:
         return Endpoints.read(self.outputs["endpoints"]).endpoints
+
+    def cascade(self) -> CascadeRecord | None:
+        """The cascade step's record (fitted or skipped); None for a run without that output."""
+        return CascadeRecord.read(self.outputs["cascade"]) if "cascade" in self.outputs else None
+
+    def cascade_endpoint(self) -> CascadeEndpoint | None:
+        return Endpoints.read(self.outputs["endpoints"]).cascade
 
 
 def _worker(request_path: str) -> int:

@@ -15,6 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bockd.config import format_validation_errors
 from bockd.errors import BockdError, ConfigError
+from bockd.pipeline.options import (
+    DEFAULT_CASCADE,
+    DEFAULT_MEASUREMENT,
+    DEFAULT_QUANTIZATION,
+    CascadeOptions,
+    MeasurementOptions,
+    QuantizationOptions,
+)
 from bockd.pipeline.selection import Policy
 from bockd.platform.s3 import check_bucket, endpoint_from_env, is_s3_uri
 
@@ -25,11 +33,13 @@ CLUSTER_MLFLOW_URI = "http://mlflow.bockd.svc.cluster.local:5000"  # the MLflow 
 
 def _check_deploy_options(options: dict[str, Any]) -> None:
     """Unknown keys or values an InferenceService would refuse fail here, not in the deploy step."""
-    from bockd.pipeline.steps import check_deploy_option_keys
+    from bockd.pipeline.steps import check_deploy_option_keys, deploy_spec_options
     from bockd.platform.inference_service import DeploySpec
 
     check_deploy_option_keys(options)
-    spec = {k: v for k, v in options.items() if k not in ("timeout_s", "poll_s")}
+    spec = deploy_spec_options(options)
+    if options.get("cascade") and spec.get("backend") == "torch":
+        raise ConfigError("deploy_options.backend: a cascade serves ONNX only; use backend onnx with cascade")
     try:
         DeploySpec("check", "check", "s3://check/model", **spec)
     except (BockdError, TypeError, ValueError) as err:
@@ -38,6 +48,11 @@ def _check_deploy_options(options: dict[str, Any]) -> None:
         seconds = options.get(key, 1)
         if not isinstance(seconds, int | float) or seconds <= 0:
             raise ConfigError(f"deploy_options.{key}: expected seconds > 0, got {seconds!r}")
+
+
+def fits_cascade(options: CascadeOptions, train_config: dict[str, Any]) -> bool:
+    """Whether a run of ``train_config`` (a full config dict) fits a cascade with ``options``."""
+    return options.enabled and float(train_config.get("data", {}).get("val_fraction") or 0) > 0
 
 
 class RunParameters(BaseModel):
@@ -58,6 +73,9 @@ class RunParameters(BaseModel):
     serving_namespace: str = Field("", pattern=r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$")
     deploy_options: dict[str, Any] = Field(default_factory=dict)
     mlflow_artifacts_destination: str = Field("s3://bockd/mlflow", pattern=r"^s3://[^/\s]+(/\S*)?$")
+    quantization: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_QUANTIZATION))
+    measurement: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_MEASUREMENT))
+    cascade: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_CASCADE))
 
     @classmethod
     def build(cls, **values: Any) -> RunParameters:
@@ -89,6 +107,16 @@ class RunParameters(BaseModel):
                 f"got {params.baseline_students}"
             )
         Policy.from_mapping(params.selection_policy)
+        # Stored complete (every default filled in): what a run used stays readable in its parameters.
+        quantization = QuantizationOptions.from_mapping(params.quantization).model_dump()
+        measurement = MeasurementOptions.from_mapping(params.measurement).model_dump()
+        cascade = CascadeOptions.from_mapping(params.cascade)
+        cascade.students_of(n)
+        if params.deploy_options.get("cascade") is True and not fits_cascade(cascade, config):
+            raise ConfigError(
+                "deploy_options.cascade: no cascade will be fitted to deploy: it needs cascade.enabled and "
+                "a validation split (train_config.data.val_fraction > 0)"
+            )
         if params.checkpoint_uri and not is_s3_uri(params.checkpoint_uri):
             raise ConfigError(f"checkpoint_uri: expected s3://bucket/prefix, got {params.checkpoint_uri!r}")
         if params.deploy_mode == "local" and not params.local_serving_dir:
@@ -96,7 +124,19 @@ class RunParameters(BaseModel):
         _check_deploy_options(params.deploy_options)
         if not re.fullmatch(r"cpu|cuda(:\d+)?|auto", params.eval_device):
             raise ConfigError(f"eval_device: expected cpu, cuda, cuda:N or auto, got {params.eval_device!r}")
-        return params.model_copy(update={"train_config": config})
+        return params.model_copy(
+            update={
+                "train_config": config,
+                "quantization": quantization,
+                "measurement": measurement,
+                "cascade": cascade.stored(),
+            }
+        )
+
+    @property
+    def fits_cascade(self) -> bool:
+        """Whether the cascade step will fit a cascade (enabled, and the data hold out a validation split)."""
+        return fits_cascade(CascadeOptions.from_mapping(self.cascade), self.train_config)
 
     def s3_uris(self) -> dict[str, str]:
         """Every S3 location this run reads or writes, by the parameter that names it."""

@@ -1,8 +1,10 @@
-"""The bockd pipeline: data -> ensemble (+ baselines) -> evaluate -> register -> select -> report -> deploy.
+"""The bockd pipeline: data -> ensemble (+ baselines) -> evaluate + quantize -> measure -> cascade -> register
+-> select -> report -> deploy.
 
 :func:`build_pipeline` makes the ``@dsl.pipeline`` for a :class:`PipelineSettings`: the compile-time,
 cluster-side choices (images, GPU node, secrets, retries). Everything a run varies (the training config,
-baselines, selection policy, MLflow target, deploy mode) is a pipeline parameter.
+baselines, int8 quantization, latency measurement, the cascade, selection policy, MLflow target, deploy
+mode) is a pipeline parameter.
 """
 
 from dataclasses import replace
@@ -12,6 +14,12 @@ from kfp import dsl, kubernetes
 
 from bockd.components import make_components
 from bockd.config import build_config
+from bockd.pipeline.options import (
+    DEFAULT_CASCADE,
+    DEFAULT_MEASUREMENT,
+    DEFAULT_QUANTIZATION,
+    DEFAULT_VAL_FRACTION,
+)
 from bockd.pipeline.parameters import CLUSTER_MLFLOW_URI
 from bockd.pipeline.settings import PIPELINE_NAME, GpuNode, PipelineSettings
 from bockd.platform.credentials import MLFLOW_SECRET_KEYS, S3_SECRET_KEYS
@@ -29,14 +37,18 @@ def config_parameter(raw: dict[str, Any]) -> dict[str, Any]:
     return strip(build_config(None, raw).to_dict())
 
 
-DEFAULT_TRAIN_CONFIG = config_parameter({"preset": "smoke", "runtime": {"progress": "log"}})
+# The cascade's thresholds are fitted on a validation split that training never sees: hold one out.
+DEFAULT_TRAIN_CONFIG = config_parameter(
+    {"preset": "smoke", "runtime": {"progress": "log"}, "data": {"val_fraction": DEFAULT_VAL_FRACTION}}
+)
 
 
 class PipelineOutputs(NamedTuple):
     dataset: dsl.Dataset
     report: dsl.HTML  # the HTML report the KFP UI renders
     summary: dsl.Artifact  # per-student rows as JSON
-    endpoints: dsl.Artifact  # deployed students as JSON
+    endpoints: dsl.Artifact  # deployed students (and the cascade) as JSON
+    cascade: dsl.Model  # the cascade folder (cascade/) and its record, or the record of why it was skipped
 
 
 def _with_secrets(task: dsl.PipelineTask, settings: PipelineSettings) -> dsl.PipelineTask:
@@ -62,6 +74,16 @@ def _on_gpu_node(task: dsl.PipelineTask, gpu: GpuNode | None) -> dsl.PipelineTas
         kubernetes.add_node_selector(task, key, value)
     if gpu.shm_size:
         kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=gpu.shm_size)
+    return task
+
+
+def _on_measure_node(task: dsl.PipelineTask, settings: PipelineSettings) -> dsl.PipelineTask:
+    node = settings.measure
+    if node.cpu:
+        task.set_cpu_request(node.cpu).set_cpu_limit(node.cpu)
+        task.set_memory_request(node.memory).set_memory_limit(node.memory)
+    for key, value in node.node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
     return task
 
 
@@ -114,6 +136,9 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
         serving_namespace: str = "",
         deploy_options: dict[str, Any] = {},  # noqa: B006
         mlflow_artifacts_destination: str = "s3://bockd/mlflow",
+        quantization: dict[str, Any] = DEFAULT_QUANTIZATION,
+        measurement: dict[str, Any] = DEFAULT_MEASUREMENT,
+        cascade: dict[str, Any] = DEFAULT_CASCADE,
     ) -> PipelineOutputs:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         data = _with_secrets(c.prepare_data(train_config=train_config), settings)
@@ -158,14 +183,54 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
                 device=eval_device,
             )
             ev.set_display_name("evaluate student")
+            quant = c.quantize(
+                student=s,
+                dataset=data.outputs["dataset"],
+                model=ensemble.outputs["model"],
+                evaluation=ev.outputs["evaluation"],
+                quantization=quantization,
+            )
+            quant.set_display_name("quantize student (int8)")
 
         def evaluations() -> dsl.Collected:
             return dsl.Collected(ev.outputs["evaluation"])
+
+        def quantized() -> dsl.Collected:
+            return dsl.Collected(quant.outputs["quantized"])
+
+        # Timings belong to the machine that took them: never reused from another run's cache.
+        meas = c.measure(
+            dataset=data.outputs["dataset"],
+            model=ensemble.outputs["model"],
+            quantized=quantized(),
+            measurement=measurement,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            mlflow_run_id=ensemble.outputs["mlflow_run_id"],
+        )
+        _with_secrets(meas, settings).set_caching_options(False).set_display_name("measure served latency")
+        _on_measure_node(meas, settings)
+
+        # After measure: its stage costs are the measured forwards and its int8 choice the measured verdicts.
+        casc = c.cascade(
+            dataset=data.outputs["dataset"],
+            model=ensemble.outputs["model"],
+            quantized=quantized(),
+            measurements=meas.outputs["measurements"],
+            cascade_options=cascade,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            mlflow_run_id=ensemble.outputs["mlflow_run_id"],
+        )
+        # Without measurements it times the students itself: on the measure node, never from a cache.
+        _with_secrets(casc, settings).set_caching_options(False).set_display_name("fit the cascade")
+        _on_measure_node(casc, settings)
 
         reg = c.register(
             model=ensemble.outputs["model"],
             evaluations=evaluations(),
             baselines=baselines(),
+            quantized=quantized(),
+            measurements=meas.outputs["measurements"],
+            cascade=casc.outputs["cascade"],
             mlflow_tracking_uri=mlflow_tracking_uri,
             mlflow_run_id=ensemble.outputs["mlflow_run_id"],
             model_prefix=model_prefix,
@@ -175,6 +240,8 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
         sel = c.select(
             evaluations=evaluations(),
             baselines=baselines(),
+            quantized=quantized(),
+            measurements=meas.outputs["measurements"],
             registrations=reg.outputs["registrations"],
             selection_policy=selection_policy,
             mlflow_tracking_uri=mlflow_tracking_uri,
@@ -186,8 +253,11 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
             model=ensemble.outputs["model"],
             evaluations=evaluations(),
             baselines=baselines(),
+            quantized=quantized(),
+            measurements=meas.outputs["measurements"],
             registrations=reg.outputs["registrations"],
             selection=sel.outputs["selection"],
+            cascade=casc.outputs["cascade"],
             mlflow_tracking_uri=mlflow_tracking_uri,
             mlflow_run_id=ensemble.outputs["mlflow_run_id"],
             pipeline_run_id=run_id,
@@ -196,8 +266,10 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
 
         dep = c.deploy(
             model=ensemble.outputs["model"],
+            quantized=quantized(),
             selection=sel.outputs["selection"],
             registrations=reg.outputs["registrations"],
+            cascade=casc.outputs["cascade"],
             deploy_mode=deploy_mode,
             local_serving_dir=local_serving_dir,
             serving_namespace=serving_namespace,
@@ -212,6 +284,7 @@ def build_pipeline(settings: PipelineSettings | None = None) -> Any:
             report=rep.outputs["report"],
             summary=rep.outputs["summary"],
             endpoints=dep.outputs["endpoints"],
+            cascade=casc.outputs["cascade"],
         )
 
     return bockd_pipeline

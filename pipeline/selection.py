@@ -2,17 +2,22 @@
 
 A :class:`Policy` is a set of optional rules combined with AND. They are applied in this fixed order:
 
-1. ``students``        explicit list, 1-based as users type them (1 = S1)
+0. exclusion           a candidate that may not ship whatever the policy says (``Candidate.excluded``: an
+                       int8 version over its accuracy-drop limit or not measurably faster than its fp32)
+1. ``students``        explicit list, 1-based as users type them (1 = S1); both precisions of a student
 2. ``min_top1``        accuracy floor
 3. ``max_params``      parameter budget
 4. ``max_size_pct``    size budget (% of the whole ensemble)
-5. ``max_latency_ms``  latency budget; a student without a measured latency fails it
+5. ``max_latency_ms``  latency budget (``Candidate.latency_ms``: the pipeline passes the p50 of one image
+                       served by the model server where measured); a student without a latency fails it
 6. ``beat_champion``   top-1 strictly greater than the student's own @champion (``Candidate.champion_top1``,
                        else ``Policy.champion_top1``); equal is not better
 7. ``pareto``          keep the Pareto front of (higher top-1, fewer params) among the survivors of 1-6
-8. ``best_only``       keep the single best survivor by top-1 (ties: fewer params, then lower index)
+8. ``best_only``       keep the single best survivor by top-1 (ties: fewer params, then lower latency, then
+                       lower index, then fp32)
 
-Rules 1-6 judge each student on its own, so a rejected student's reason lists *every* such rule it fails.
+A candidate is one student at one precision (``"fp32"``, or ``"int8"``: same student, same params).
+Rules 0-6 judge each candidate on its own, so a rejected one's reason lists *every* such rule it fails.
 Rules 7-8 compare students with each other, so they only see the students that passed 1-6. An empty policy
 selects every student; a policy that selects nothing is not an error: the selection is empty and every
 reason says why.
@@ -44,6 +49,9 @@ class Candidate:
     latency_ms: float | None = None
     baseline_top1: float | None = None
     champion_top1: float | None = None  # this student's own @champion, if any (else Policy.champion_top1)
+    precision: str = "fp32"
+    excluded: str | None = None  # why it may not ship whatever the policy says (rule 0); None: it may
+    latency_basis: str = "latency"  # what latency_ms is, as reasons name it ("served p50")
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class Choice:
     index: int
     selected: bool
     reason: str
+    precision: str = "fp32"
 
 
 class Policy(BaseModel):
@@ -127,15 +136,15 @@ class Selection:
         )
 
     def markdown(self) -> str:
-        """A Markdown table, one row per candidate in index order, for the HTML report."""
-        by_index = {c.index: c for c in self.candidates}
-        verdicts = sorted(self.chosen + self.rejected, key=lambda c: c.index)
+        """A Markdown table, one row per candidate in student order (fp32 before int8), for the report."""
+        by_key = {(c.index, c.precision): c for c in self.candidates}
+        verdicts = sorted(self.chosen + self.rejected, key=lambda c: (c.index, c.precision != "fp32"))
         lines = [
             "| student | params | size % | top-1 | selected | reason |",
             "|---|---:|---:|---:|:---:|---|",
         ]
         for v in verdicts:
-            cand = by_index.get(v.index)
+            cand = by_key.get((v.index, v.precision))
             params = f"{cand.params:,}" if cand else "-"
             size = f"{cand.size_pct:.2f}" if cand else "-"
             top1 = f"{cand.top1:.2f}" if cand else "-"
@@ -154,9 +163,16 @@ def _at(c: Candidate) -> str:
     return f"{_pct(c.top1)} at {c.params:,} params"
 
 
-def _rank_key(c: Candidate) -> tuple[float, int, int]:
-    # Best first: higher top-1, then fewer params, then lower index (deterministic tie-break).
-    return (-c.top1, c.params, c.index)
+def _order(c: Candidate) -> tuple[int, bool]:
+    """Student order, fp32 before int8: the order of verdicts and tables."""
+    return (c.index, c.precision != "fp32")
+
+
+def _rank_key(c: Candidate) -> tuple[float, int, float, int, bool]:
+    # Best first: higher top-1, then fewer params, then lower latency (an int8 version that ties its fp32
+    # on top-1 and is measurably faster wins), then lower index, then fp32 (deterministic tie-break).
+    latency = c.latency_ms if c.latency_ms is not None else math.inf
+    return (-c.top1, c.params, latency, c.index, c.precision != "fp32")
 
 
 def _check_candidates(candidates: list[Candidate]) -> None:
@@ -168,10 +184,12 @@ def _check_candidates(candidates: list[Candidate]) -> None:
                 f"candidates: {c.name!r} has an impossible value (index {c.index}, params {c.params}, "
                 f"top-1 {c.top1}); expected index >= 0, params >= 0, 0 <= top-1 <= 100"
             )
-    for attr in ("name", "index"):
-        values = [getattr(c, attr) for c in candidates]
-        if len(set(values)) != len(values):
-            raise ConfigError(f"candidates: duplicate student {attr} in {values}")
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"candidates: duplicate student name in {names}")
+    keys = [(c.index, c.precision) for c in candidates]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"candidates: duplicate student index and precision in {keys}")
 
 
 def _valid_range(candidates: list[Candidate]) -> str:
@@ -184,7 +202,7 @@ def _valid_range(candidates: list[Candidate]) -> str:
 def _individual(c: Candidate, p: Policy) -> tuple[list[str], list[str]]:
     """(passed, failed) reasons for rules 1-6, which judge a candidate on its own."""
     ok: list[str] = []
-    bad: list[str] = []
+    bad: list[str] = [c.excluded] if c.excluded else []
 
     def rule(passed: bool, yes: str, no: str) -> None:
         (ok if passed else bad).append(yes if passed else no)
@@ -216,10 +234,11 @@ def _individual(c: Candidate, p: Policy) -> tuple[list[str], list[str]]:
         if c.latency_ms is None:
             bad.append(f"no latency measured (budget {p.max_latency_ms:.2f} ms)")
         else:
+            what = f"{c.latency_basis} {c.latency_ms:.2f} ms"
             rule(
                 c.latency_ms <= p.max_latency_ms,
-                f"latency {c.latency_ms:.2f} ms <= budget {p.max_latency_ms:.2f} ms",
-                f"latency {c.latency_ms:.2f} ms > budget {p.max_latency_ms:.2f} ms",
+                f"{what} <= budget {p.max_latency_ms:.2f} ms",
+                f"{what} > budget {p.max_latency_ms:.2f} ms",
             )
     if p.beat_champion:
         champion = c.champion_top1 if c.champion_top1 is not None else p.champion_top1
@@ -235,9 +254,16 @@ def _individual(c: Candidate, p: Policy) -> tuple[list[str], list[str]]:
     return ok, bad
 
 
-def _pareto(pool: list[Candidate]) -> dict[int, str | None]:
-    """index -> None if on the front of (higher top-1, fewer params), else why it is off the front."""
-    out: dict[int, str | None] = {}
+Key = tuple[int, str]  # (index, precision): one candidate
+
+
+def _key(c: Candidate) -> Key:
+    return (c.index, c.precision)
+
+
+def _pareto(pool: list[Candidate]) -> dict[Key, str | None]:
+    """key -> None if on the front of (higher top-1, fewer params), else why it is off the front."""
+    out: dict[Key, str | None] = {}
     for c in pool:
         dominators = [
             d
@@ -247,24 +273,23 @@ def _pareto(pool: list[Candidate]) -> dict[int, str | None]:
             and d.params <= c.params
             and (d.top1 > c.top1 or d.params < c.params)
         ]
-        # Exact ties (same top-1 and params) dominate nobody; keep the lowest index so the result is stable.
+        # Exact ties (same top-1 and params) dominate nobody; keep the first in student order so the result
+        # is stable (an int8 version tying its fp32 one is a twin: fp32 is kept).
         twins = [d for d in pool if d is not c and d.top1 == c.top1 and d.params == c.params]
         if dominators:
             d = min(dominators, key=_rank_key)
-            out[c.index] = f"dominated by {d.name}: {_at(d)} (vs {_at(c)})"
-        elif any(t.index < c.index for t in twins):
-            t = min(twins, key=lambda t: t.index)
-            out[c.index] = (
-                f"tied with {t.name} ({_at(c)}) on the Pareto front; the lower-numbered student is kept"
-            )
+            out[_key(c)] = f"dominated by {d.name}: {_at(d)} (vs {_at(c)})"
+        elif any(_order(t) < _order(c) for t in twins):
+            t = min(twins, key=_order)
+            out[_key(c)] = f"tied with {t.name} ({_at(c)}) on the Pareto front; the one listed first is kept"
         else:
-            out[c.index] = None
+            out[_key(c)] = None
     return out
 
 
 def select(candidates: list[Candidate], policy: Policy | dict[str, Any] | None = None) -> Selection:
     """Apply ``policy`` to ``candidates``; every candidate gets a verdict and a reason."""
-    candidates = list(candidates)
+    candidates = sorted(candidates, key=_order)
     _check_candidates(candidates)
     if not isinstance(policy, Policy):
         policy = Policy.from_mapping(policy)
@@ -277,43 +302,43 @@ def select(candidates: list[Candidate], policy: Policy | dict[str, Any] | None =
                 f"valid students are {_valid_range(candidates)} (1 = S1)"
             )
 
-    passed: dict[int, list[str]] = {}
-    reasons: dict[int, tuple[bool, str]] = {}
+    passed: dict[Key, list[str]] = {}
+    reasons: dict[Key, tuple[bool, str]] = {}
     for c in candidates:
         ok, bad = _individual(c, policy)
         if bad:
-            reasons[c.index] = (False, "; ".join(bad))
+            reasons[_key(c)] = (False, "; ".join(bad))
         else:
-            passed[c.index] = ok
+            passed[_key(c)] = ok
 
-    pool = sorted((c for c in candidates if c.index in passed), key=lambda c: c.index)
+    pool = [c for c in candidates if _key(c) in passed]
     if policy.pareto and pool:
         front = _pareto(pool)
         for c in pool:
-            why = front[c.index]
+            why = front[_key(c)]
             if why is None:
-                passed[c.index].append("on the Pareto front of accuracy against size")
+                passed[_key(c)].append("on the Pareto front of accuracy against size")
             else:
-                reasons[c.index] = (False, why)
-        pool = [c for c in pool if front[c.index] is None]
+                reasons[_key(c)] = (False, why)
+        pool = [c for c in pool if front[_key(c)] is None]
     if policy.best_only and pool:
         best = min(pool, key=_rank_key)
         for c in pool:
             if c is best:
-                passed[c.index].append(f"best top-1 of {len(pool)} remaining ({_pct(c.top1)})")
+                passed[_key(c)].append(f"best top-1 of {len(pool)} remaining ({_pct(c.top1)})")
             else:
-                reasons[c.index] = (False, f"not the best: {best.name} has {_at(best)} (vs {_at(c)})")
+                reasons[_key(c)] = (False, f"not the best: {best.name} has {_at(best)} (vs {_at(c)})")
         pool = [best]
     for c in pool:
-        reasons[c.index] = (
+        reasons[_key(c)] = (
             True,
-            "; ".join(passed[c.index]) or "no selection rule: every student is selected",
+            "; ".join(passed[_key(c)]) or "no selection rule: every student is selected",
         )
 
-    verdicts = [Choice(c.name, c.index, *reasons[c.index]) for c in sorted(candidates, key=lambda c: c.index)]
+    verdicts = [Choice(c.name, c.index, *reasons[_key(c)], precision=c.precision) for c in candidates]
     return Selection(
         chosen=[v for v in verdicts if v.selected],
         rejected=[v for v in verdicts if not v.selected],
         policy=policy.model_dump(mode="json"),
-        candidates=sorted(candidates, key=lambda c: c.index),
+        candidates=candidates,
     )

@@ -1,4 +1,5 @@
-"""Compile-time settings of the pipeline: images, the GPU node, secrets, retries (no kfp import).
+"""Compile-time settings of the pipeline: images, the GPU node, the measuring node, secrets, retries (no
+kfp import).
 
 The keys the S3 and MLflow Secrets hold are `bockd.platform.credentials`' (the tasks see them under the same
 names).
@@ -32,6 +33,17 @@ class GpuNode:
 
 
 @dataclass(frozen=True)
+class MeasureNode:
+    """Where the measure step runs: latency means something only on the kind of node that serves. The
+    CPU is both request and limit, so the step's cgroup CPU limit (which the model server's ONNX Runtime
+    threads follow, and which the measurement records) is a serving pod's with that limit."""
+
+    cpu: str | None = None  # e.g. "2"; None: no request or limit (whatever node the pod lands on)
+    memory: str = "4Gi"
+    node_selector: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PipelineSettings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     gpu: GpuNode | None = field(default_factory=GpuNode)  # None: training on CPU (local runs)
@@ -43,6 +55,7 @@ class PipelineSettings:
     # light launcher task creates and watches; its dataset copy, request and outputs go to staging_uri.
     num_nodes: int = 1
     staging_uri: str = "s3://bockd/staging"
+    measure: MeasureNode = field(default_factory=MeasureNode)
 
     @property
     def distributed(self) -> bool:

@@ -81,6 +81,24 @@ def baseline_run(digits: ImageDataset, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
+def val_split_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the cascade step reads: ``data/``, digits prepared with a validation split (data.val_fraction
+    0.2, held out of training), and ``model/``, a 3-student ensemble trained on exactly that data, every
+    student exported with ONNX (the pipeline's train_ensemble step). Three epochs (about 20 s) take the
+    students well past chance (roughly 70-85 % top-1) with spread-out confidences: the cascade has
+    something to route."""
+    from bockd.pipeline import steps
+
+    root = tmp_path_factory.mktemp("val-split-family")
+    trained = {**TINY, "epochs": 3, "batch_size": 32, "data": {"val_fraction": 0.2}}
+    raw = build_config("smoke", trained).to_dict()
+    steps.prepare_data(raw, root / "data")
+    with _torch_threads(TEST_THREADS):
+        steps.train_ensemble(raw, root / "data", root / "model")
+    return root
+
+
+@pytest.fixture(scope="session")
 def services_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicesInfo]:
     """The embedded S3 + MLflow servers, started once per test process (each xdist worker) on first use
     and stopped at its end. Modules share them, so each names its own experiments, models and keys."""

@@ -1197,3 +1197,106 @@ def test_the_pipeline_deploy_step_in_cluster_mode(
         steps.deploy(
             model_dir, [2], registrations, mode="cluster", cluster=target, deploy_options={"namespace": NS}
         )
+
+
+def _use_kubeconfig(fake: FakeKServe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a cluster, a kubeconfig pointing at the test double."""
+    from kubernetes.config import kube_config
+
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": fake.host}}],
+        "users": [{"name": "me", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "me"}}],
+        "current-context": "test",
+    }
+    (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "kubeconfig"))
+
+
+def test_the_pipeline_deploys_the_cascade_as_one_inference_service(
+    fake: FakeKServe,
+    mlflow_stack: Any,
+    val_split_family: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`steps.deploy_cascade(mode="cluster")`: the fitted cascade, registered in the real MLflow registry
+    (its files really in S3), becomes ONE InferenceService on the students' runtime whose storageUri is the
+    registered cascade folder; a new version rolls out by canary and a failing one is rolled back, as for
+    a student. The ISVC goes to the test double (no Kubernetes API server can run here)."""
+    from mlflow import MlflowClient
+
+    from bockd.pipeline import steps
+    from bockd.pipeline.records import CascadeEndpoint
+    from bockd.platform.model_registry import storage_uri
+    from bockd.platform.s3 import S3Uri, client
+
+    out = tmp_path / "cascade"
+    # No measurements: the step times the students itself; S3 -> S1.
+    steps.cascade(val_split_family / "data", val_split_family / "model", [], None, {"students": [3, 1]}, out)
+    mlflow = MlflowClient(mlflow_stack.mlflow_uri)
+    experiment = mlflow.create_experiment("deploy-cascade")
+
+    def registered() -> Any:  # the cascade of a new training run: a new version of the same model
+        run_id = mlflow.create_run(experiment).info.run_id
+        return steps.register_cascade(out, tracking_uri=mlflow_stack.mlflow_uri, run_id=run_id, prefix="dc")
+
+    _use_kubeconfig(fake, tmp_path, monkeypatch)
+    target = steps.ClusterTarget(NS, mlflow_stack.mlflow_uri, "s3://bockd/mlflow")
+    options = {"poll_s": POLL, "canary_traffic_percent": 20, "cascade": True}
+    first = registered()
+    endpoint = steps.deploy_cascade(out, first, mode="cluster", cluster=target, deploy_options=options)
+    name = normalize_name("dc-digits-resnet20-cascade")
+    assert endpoint == CascadeEndpoint(
+        registered_model="dc-digits-resnet20-cascade", version="1", url=_url(name, NS), labels=["S3", "S1"]
+    )
+    (isvc,) = fake.objects.values()
+    model = isvc["spec"]["predictor"]["model"]
+    assert (model["runtime"], model["modelFormat"], model["args"]) == (
+        "bockd-predictor", {"name": "bockd", "version": "1"}, ["--backend=onnx"],
+    )  # fmt: skip
+    loc = S3Uri.parse(model["storageUri"])
+    keys = {
+        o.object_name.removeprefix(loc.prefix).lstrip("/")
+        for o in client().list_objects(loc.bucket, loc.prefix + "/", recursive=True)
+    }
+    # What the model server loads from /mnt/models: the cascade card and each student's ONNX and card.
+    assert keys == {"cascade.json", "S3/model.onnx", "S3/config.json", "S1/model.onnx", "S1/config.json"}
+    assert isvc["metadata"]["labels"][LABEL_VERSION] == "1"
+
+    second = registered()
+    steps.deploy_cascade(out, second, mode="cluster", cluster=target, deploy_options=options)
+    canary, promotion = fake.calls("PATCH")
+    assert canary.body["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    assert promotion.body["metadata"]["labels"][LABEL_VERSION] == second.version == "2"
+    stable = fake.objects[NS, name]["spec"]["predictor"]["model"]["storageUri"]
+    assert (
+        stable
+        == storage_uri(mlflow, second.registered_model, "2", "s3://bockd/mlflow")
+        != model["storageUri"]
+    )
+
+    third = registered()
+    fake.failing.add(storage_uri(mlflow, third.registered_model, third.version, "s3://bockd/mlflow"))
+    with pytest.raises(DeployError, match=r"RevisionFailed.*keeps serving"):
+        steps.deploy_cascade(out, third, mode="cluster", cluster=target, deploy_options=options)
+    assert fake.objects[NS, name]["spec"]["predictor"]["model"]["storageUri"] == stable
+    for obj in fake.written:
+        validate_against_crd(obj, CRD)
+
+    # A skipped cascade, or one asked for with the torch backend, is refused before any request.
+    fake.requests.clear()
+    skipped = tmp_path / "skipped"
+    steps.cascade(
+        val_split_family / "data", val_split_family / "model", [], None, {"enabled": False}, skipped
+    )
+    with pytest.raises(ConfigError, match=r"deploy_options.cascade: the cascade was skipped \(cascade off"):
+        steps.deploy_cascade(skipped, None, mode="cluster", cluster=target, deploy_options=options)
+    with pytest.raises(ConfigError, match="only ONNX Runtime runs"):
+        steps.deploy_cascade(
+            out, third, mode="cluster", cluster=target, deploy_options={**options, "backend": "torch"}
+        )
+    assert fake.requests == []

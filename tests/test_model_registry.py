@@ -8,9 +8,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from bockd.data import ImageDataset
 from bockd.export import export_student, read_student_config
 from bockd.platform.model_registry import CHAMPION, promote_champion, register_student, registered_model_name
 from bockd.platform.services import ServicesInfo
+from bockd.quantize import quantize_student
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,28 @@ def test_registration_is_idempotent_and_carries_the_exported_student(
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     assert "onnx" in mlmodel["flavors"] and "signature" in mlmodel
     assert '"input"' in mlmodel["signature"]["inputs"] and "[-1, 1, 8, 8]" in mlmodel["signature"]["inputs"]
+
+
+def test_an_int8_version_registers_beside_fp32_idempotently(
+    mlflow_stack: ServicesInfo, exported: Path, digits: ImageDataset, tmp_path: Path
+) -> None:
+    """Same registered model, another version tagged precision=int8; a re-run finds each precision's own."""
+    int8 = quantize_student(exported, tmp_path / "s2-int8", digits.train.x, max_images=64)
+    (int8 / "quantization.json").write_text('{"format": "bockd-quantization-check/1"}')
+    client = MlflowClient(mlflow_stack.mlflow_uri)
+    run_id = _run(client, "train-int8")
+    fp32 = register_student(client, run_id, exported, prefix="t3", dataset="digits")
+    first = register_student(client, run_id, int8, prefix="t3", dataset="digits", tags={"top1": "89.0"})
+    assert first.created and first.name == fp32.name and first.version != fp32.version
+    again = [register_student(client, run_id, d, prefix="t3", dataset="digits") for d in (exported, int8)]
+    assert [(r.version, r.created) for r in again] == [(fp32.version, False), (first.version, False)]
+    tags = {v.version: v.tags for v in client.search_model_versions(f"name = '{fp32.name}'")}
+    assert {v: t["precision"] for v, t in tags.items()} == {fp32.version: "fp32", first.version: "int8"}
+    assert tags[first.version]["top1"] == "89.0"
+    local = Path(client.download_artifacts(run_id, "students/s2-int8", str(tmp_path / "dl")))
+    names = {p.name for p in local.iterdir()}
+    assert {"model.onnx", "config.json", "quantization.json", "MLmodel"} <= names
+    assert "model.safetensors" not in names  # there are no int8 PyTorch weights
 
 
 def test_champion_moves_only_on_a_strictly_better_score_on_the_same_test_set(

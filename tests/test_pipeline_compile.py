@@ -18,6 +18,7 @@ from bockd.pipeline.pipeline import build_pipeline
 from bockd.pipeline.settings import GpuNode, PipelineSettings
 
 TRAINING = ("exec-train-ensemble", "exec-train-baseline")
+LOCAL_ONLY = {"exec-evaluate", "exec-quantize"}  # read only their input artifacts: no credentials
 SECRET_VALUES = ("AKIAEXAMPLESECRETKEY1", "wJalrXUtnFEMI-example-secret-value")
 
 
@@ -82,7 +83,7 @@ def test_training_tasks_ask_for_the_gpu_node(compiled: tuple[str, dict, dict]) -
 def test_credentials_reach_tasks_only_as_secret_refs(compiled: tuple[str, dict, dict]) -> None:
     _, spec, platform = compiled
     for executor in spec["deploymentSpec"]["executors"]:
-        if executor == "exec-evaluate":  # reads only its input artifacts
+        if executor in LOCAL_ONLY:
             continue
         refs = {ref["secretName"]: ref for ref in platform[executor]["secretAsEnv"]}
         s3 = refs["team-s3"]
@@ -111,7 +112,7 @@ def test_every_task_gets_kubeflows_object_store_unless_overridden(
     assert main(["pipeline", "compile", "-o", str(out), *argv]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
     executors = spec["deploymentSpec"]["executors"]
-    for name in set(executors) - {"exec-evaluate"}:  # evaluate reads only its input artifacts
+    for name in set(executors) - LOCAL_ONLY:
         assert {"name": "BOCKD_S3_ENDPOINT", "value": endpoint} in executors[name]["container"]["env"], name
 
 
@@ -133,9 +134,10 @@ def test_no_credential_value_appears_anywhere(tmp_path: Path, monkeypatch: pytes
 def test_caching_off_for_data_and_training_retries_on_network_steps(compiled: tuple[str, dict, dict]) -> None:
     _, spec, _ = compiled
     tasks = _tasks(spec)
-    for name in ("prepare-data", "train-ensemble", "train-baseline"):
+    # measure: timings belong to the machine that took them, never to a cached run's.
+    for name in ("prepare-data", "train-ensemble", "train-baseline", "measure"):
         assert not tasks[name]["cachingOptions"].get("enableCache", False), name
-    for name in ("evaluate", "report"):
+    for name in ("evaluate", "quantize", "report"):
         assert tasks[name]["cachingOptions"]["enableCache"] is True, name
     for name in ("register", "select", "deploy"):
         policy = tasks[name]["retryPolicy"]
@@ -168,10 +170,77 @@ def test_typed_artifacts(compiled: tuple[str, dict, dict]) -> None:
         "metrics": "system.Metrics",
         "confusion": "system.ClassificationMetrics",
     }
+    assert outputs("comp-quantize") == {"quantized": "system.Model", "metrics": "system.Metrics"}
+    assert outputs("comp-measure") == {"measurements": "system.Artifact"}
     assert outputs("comp-report")["report"] == "system.HTML"
     register_inputs = comps["comp-register"]["inputDefinitions"]["artifacts"]
-    assert register_inputs["evaluations"]["isArtifactList"] is True
-    assert register_inputs["baselines"]["isArtifactList"] is True
+    for name in ("evaluations", "baselines", "quantized"):
+        assert register_inputs[name]["isArtifactList"] is True, name
+    for comp in ("comp-measure", "comp-select", "comp-report", "comp-deploy"):
+        assert comps[comp]["inputDefinitions"]["artifacts"]["quantized"]["isArtifactList"] is True, comp
+
+
+def test_quantize_runs_per_student_after_evaluate_and_measure_after_the_loop(
+    compiled: tuple[str, dict, dict],
+) -> None:
+    _, spec, _ = compiled
+    (loop,) = [c for c in spec["components"].values() if "evaluate" in c.get("dag", {}).get("tasks", {})]
+    inside = loop["dag"]["tasks"]
+    assert "evaluate" in inside["quantize"]["dependentTasks"]
+    root = spec["root"]["dag"]["tasks"]
+    assert "measure" in root and "quantize" not in root
+    for step in ("register", "select", "report"):
+        assert "measure" in root[step]["dependentTasks"], step
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["quantization"]["parameterType"] == "STRUCT"
+    assert params["quantization"]["defaultValue"]["max_drop"] == 1.0
+    assert params["measurement"]["defaultValue"]["batch_sizes"] == [1, 32]
+
+
+def test_the_cascade_is_fitted_after_measure_and_feeds_register_report_and_deploy(
+    compiled: tuple[str, dict, dict],
+) -> None:
+    _, spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    assert "measure" in root["cascade"]["dependentTasks"]
+    for step in ("register", "report", "deploy"):
+        assert "cascade" in root[step]["dependentTasks"], step
+        source = root[step]["inputs"]["artifacts"]["cascade"]["taskOutputArtifact"]
+        assert source == {"outputArtifactKey": "cascade", "producerTask": "cascade"}
+    # Its costs may be timed on the step's own machine (measurement off): never from a cache.
+    assert not root["cascade"]["cachingOptions"].get("enableCache", False)
+    comp = spec["components"]["comp-cascade"]
+    assert comp["outputDefinitions"]["artifacts"]["cascade"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert comp["inputDefinitions"]["artifacts"]["quantized"]["isArtifactList"] is True
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["cascade"]["parameterType"] == "STRUCT"
+    assert params["cascade"]["defaultValue"] == {"enabled": True, "students": [], "max_drop": 0.5}
+    # The default training config holds out the validation split the thresholds are fitted on.
+    assert params["train_config"]["defaultValue"]["data"]["val_fraction"] == 0.1
+    outputs = spec["root"]["outputDefinitions"]["artifacts"]
+    assert outputs["cascade"]["artifactType"]["schemaTitle"] == "system.Model"
+
+
+def test_the_measure_step_runs_where_students_are_served(tmp_path: Path) -> None:
+    """--measure-cpu is request and limit (a serving pod's cgroup limit); the node selector places it."""
+    out = tmp_path / "p.yaml"
+    argv = ["--measure-cpu", "2", "--measure-node-selector", "node.kubernetes.io/instance-type=c7i.large"]
+    assert main(["pipeline", "compile", "-o", str(out), *argv]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    resources = spec["deploymentSpec"]["executors"]["exec-measure"]["container"]["resources"]
+    assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"]) == ("2", "2")
+    assert resources["resourceMemoryLimit"] == "4Gi"
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for executor in ("exec-measure", "exec-cascade"):  # the cascade may time its students there
+        assert executors[executor]["nodeSelector"]["labels"] == {
+            "node.kubernetes.io/instance-type": "c7i.large"
+        }
+    # By default the step asks for nothing: it lands wherever the cluster puts it.
+    (tmp_path / "d").mkdir()
+    default = compile_to(tmp_path / "d", PipelineSettings())
+    assert "resourceCpuLimit" not in default[1]["deploymentSpec"]["executors"]["exec-measure"][
+        "container"
+    ].get("resources", {})
 
 
 def test_cpu_settings_drop_the_gpu_node(tmp_path: Path) -> None:

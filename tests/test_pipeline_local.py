@@ -19,9 +19,21 @@ from numerics import probability_tolerance, reduction_length
 from bockd.cli import main
 from bockd.data import ImageDataset
 from bockd.export import load_student, read_student_config
+from bockd.onnx_student import OnnxStudent, softmax
 from bockd.pipeline import steps
 from bockd.pipeline.local import _follow, failure_message
-from bockd.pipeline.records import BaselineRecord, Endpoints, EvaluationRecord, Summary, read_records
+from bockd.pipeline.records import (
+    BaselineRecord,
+    CascadeRecord,
+    Endpoints,
+    EvaluationRecord,
+    MeasurementsRecord,
+    QuantizationRecord,
+    Registrations,
+    Summary,
+    read_records,
+)
+from bockd.pipeline.summary import cascade_lines
 from bockd.platform.s3 import client as s3_client
 from bockd.platform.services import ServicesInfo
 from bockd.platform.services.model_servers import stop_all_local_servers
@@ -35,6 +47,7 @@ STUDENTS = 2
 ARGV = [
     "--epochs", "2", "--num-students", str(STUDENTS), "--baselines", "2",
     "--policy", "{max_size_pct: 50, best_only: true}", "--model-prefix", "e2e",
+    "--measurement", "{requests: 15, batch_requests: 3}",
 ]  # fmt: skip
 
 
@@ -67,7 +80,10 @@ def local_run(
 def test_the_run_succeeds_and_prints_the_summary(local_run: dict[str, Any]) -> None:
     assert local_run["code"] == 0
     text = local_run["stdout"]
-    header = "| student | params | size % | top-1 % | baseline top-1 % | gain | MLflow version | endpoint |"
+    header = (
+        "| student | params | size % | top-1 % | baseline top-1 % | gain | p50 ms | int8 | MLflow version "
+        "| endpoint |"
+    )
     assert header in text
     rows = [line for line in text.splitlines() if line.startswith("| S")]
     assert len(rows) == STUDENTS
@@ -78,7 +94,10 @@ def test_the_run_succeeds_and_prints_the_summary(local_run: dict[str, Any]) -> N
     right = sum(line.endswith(" right") for line in images)
     assert f"the first 8 test images, {right} right" in text
     assert (local_run["run_dir"] / "report.html").is_file()
-    for task in ("prepare-data", "train-ensemble", "train-baseline", "evaluate", "register", "deploy"):
+    for task in (
+        "prepare-data", "train-ensemble", "train-baseline", "evaluate", "quantize", "measure", "cascade",
+        "register", "deploy",
+    ):  # fmt: skip
         assert f"task {task}" in text
 
 
@@ -89,8 +108,10 @@ def test_summary_rows_match_registry_tags(local_run: dict[str, Any]) -> None:
     mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert [(r.student, r.label) for r in rows] == [(1, "S1"), (2, "S2")]
     for r in rows:
-        version = mlflow.get_model_version(r.registered_model, r.version)
         assert r.registered_model == f"e2e-digits-resnet20-s{r.student}"
+        version = _fp32_version(mlflow, r.registered_model)
+        if r.precision != "int8":
+            assert version.version == r.version
         assert float(version.tags["top1"]) == pytest.approx(r.top1, abs=1e-3)
         assert version.tags["params"] == str(r.params)
         if r.student == 2:  # the baseline asked for
@@ -98,6 +119,84 @@ def test_summary_rows_match_registry_tags(local_run: dict[str, Any]) -> None:
             assert float(version.tags["gain"]) == pytest.approx(r.top1 - r.baseline_top1, abs=1e-3)
         else:
             assert "baseline_top1" not in version.tags
+
+
+def _fp32_version(mlflow: MlflowClient, name: str) -> Any:
+    (version,) = [
+        v for v in mlflow.search_model_versions(f"name = '{name}'") if v.tags["precision"] == "fp32"
+    ]
+    return version
+
+
+def test_every_student_is_measured_through_the_server_and_int8_judged(local_run: dict[str, Any]) -> None:
+    """Both precisions of both students measured; an int8 version is registered iff it passed its drop
+    limit, and shipped only if also measurably faster; the report and MLflow carry the numbers."""
+    root = next(local_run["run_dir"].glob("root/*"))
+    measured = MeasurementsRecord.read(root / "measure" / "measurements")
+    assert [(m.student, m.precision) for m in measured.measurements] == [
+        (1, "fp32"), (1, "int8"), (2, "fp32"), (2, "int8"),
+    ]  # fmt: skip
+    assert all(
+        [t.batch for t in m.timings] == [1, 32] and m.at(1).requests == 15 for m in measured.measurements
+    )
+    quantized = {
+        q.student: q
+        for q in read_records(QuantizationRecord, sorted(root.glob("for-loop-*/quantize/quantized")))
+    }
+    assert sorted(quantized) == [1, 2]
+    mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    rows = Summary.read(local_run["outputs"]["summary"]).rows
+    for r in rows:
+        q, verdict = quantized[r.student], measured.verdict(r.student)
+        assert verdict.shipped == (q.passed and bool(verdict.faster))
+        assert r.int8_outcome == verdict.summary and r.served_p50_ms == measured.of(r.student).p50_ms
+        int8 = [
+            v
+            for v in mlflow.search_model_versions(f"name = '{r.registered_model}'")
+            if v.tags["precision"] == "int8"
+        ]
+        assert len(int8) == int(q.passed)
+        assert r.int8_outcome in local_run["stdout"]
+    html = (local_run["run_dir"] / "report.html").read_text()
+    assert "Accuracy against measured latency" in html and "S2 int8" in html
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("bockd").experiment_id])
+    assert "measurements.json" in {a.path for a in mlflow.list_artifacts(run.info.run_id)}
+    assert mlflow.get_metric_history(run.info.run_id, "served/s2/int8/b1/p50_ms")
+
+
+def test_the_cascade_is_fitted_on_the_held_out_split_registered_reported_and_served(
+    local_run: dict[str, Any],
+) -> None:
+    """The quick start holds out 10 % of train (the pipeline's default) and fits S2 -> S1 on it; the
+    summary shows it in two lines, MLflow holds it as its own model, and its endpoint names who answered."""
+    record = CascadeRecord.read(local_run["outputs"]["cascade"])
+    dataset = ImageDataset.load(local_run["outputs"]["dataset"])
+    assert record.fitted and [s.label for s in record.stages] == ["S2", "S1"]
+    assert dataset.val is not None and record.fit.num_val == len(dataset.val.y) > 0
+    assert record.num_test == len(dataset.test.y)
+    # Costs are the measured raw forwards per image at batch 32 of the variant each stage runs as.
+    root = next(local_run["run_dir"].glob("root/*"))
+    measured = MeasurementsRecord.read(root / "measure" / "measurements")
+    for s in record.stages:
+        assert s.cost_ms == pytest.approx(measured.of(s.student, s.precision).at(32).raw_forward_ms / 32)
+        assert (s.precision == "int8") == measured.verdict(s.student).shipped
+    endpoint = Endpoints.read(local_run["outputs"]["endpoints"]).cascade
+    assert endpoint is not None and endpoint.registered_model == "e2e-digits-resnet20-cascade"
+    for line in cascade_lines(record, endpoint):
+        assert line in local_run["stdout"]
+    assert (
+        f"prediction: e2e-digits-resnet20-cascade at {endpoint.url}: the first 8 test images"
+        in (local_run["stdout"])
+    )
+    answers = predict_v1(endpoint.url, endpoint.registered_model, list(dataset.test.x[:4]))
+    assert {a["student"] for a in answers} <= {"S2", "S1"}
+    html = (local_run["run_dir"] / "report.html").read_text()
+    assert "<h2>Confidence cascade</h2>" in html and "MLflow: e2e-digits-resnet20-cascade v1" in html
+    mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    (version,) = mlflow.search_model_versions("name = 'e2e-digits-resnet20-cascade'")
+    assert (version.version, version.tags["kind"], version.tags["students"]) == ("1", "cascade", "S2,S1")
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("bockd").experiment_id])
+    assert "cascade-result.json" in {a.path for a in mlflow.list_artifacts(run.info.run_id)}
 
 
 def test_one_mlflow_run_holds_params_epoch_metrics_and_artifacts(local_run: dict[str, Any]) -> None:
@@ -140,10 +239,16 @@ def test_selection_champion_and_the_served_student(local_run: dict[str, Any]) ->
         if not r.selected:
             assert "champion" not in mlflow.get_registered_model(r.registered_model).aliases
 
-    # The served student answers with what the exported student computes.
+    # The served student answers with what the exported student (or its int8 version) computes.
     dataset = ImageDataset.load(local_run["outputs"]["dataset"])
     images = list(dataset.test.x[:4])
     answers = predict_v1(endpoints[0].url, endpoints[0].registered_model, images)
+    got = np.array([a["probabilities"] for a in answers])
+    if endpoints[0].precision == "int8":
+        root = next(local_run["run_dir"].glob("root/*"))
+        int8_dir = steps.read_quantized(sorted(root.glob("for-loop-*/quantize/quantized")))[best.student][1]
+        np.testing.assert_allclose(got, softmax(OnnxStudent(int8_dir).logits(np.stack(images))), atol=1e-4)
+        return
     model_dir = next(local_run["run_dir"].glob("root/*/train-ensemble/model"))
     student = steps.student_dir(model_dir, best.student)
     config = read_student_config(student)
@@ -154,7 +259,6 @@ def test_selection_champion_and_the_served_student(local_run: dict[str, Any]) ->
     with torch.no_grad():
         logits = model((x - mean) / std)
     expected = torch.softmax(logits, dim=1).numpy()
-    got = np.array([a["probabilities"] for a in answers])
     # The server is another process with its own thread count, hence its own float32 summation order.
     np.testing.assert_allclose(got, expected, atol=probability_tolerance(logits, reduction_length(model)))
 
@@ -173,9 +277,14 @@ def test_register_again_creates_nothing(local_run: dict[str, Any]) -> None:
         tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
         run_id=run_id,
         prefix="e2e",
+        quantized_dirs=sorted(root.glob("for-loop-*/quantize/quantized")),
     )
-    assert [r.created for r in again] == [False] * STUDENTS
-    assert [r.version for r in again] == ["1"] * STUDENTS
+    first = Registrations.read(root / "register" / "registrations").registrations
+    assert [r.created for r in again] == [False] * len(first)
+    assert [(r.student, r.precision, r.version) for r in again] == [
+        (r.student, r.precision, r.version) for r in first
+    ]
+    assert [r.version for r in again if r.precision == "fp32"] == ["1"] * STUDENTS
 
 
 # -- a failed task: its own error, not kfp's traceback ------------------------------------------------------

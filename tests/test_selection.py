@@ -230,3 +230,78 @@ def test_policy_is_frozen_and_not_a_mapping() -> None:
     p = Policy()
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own frozen error
         p.min_top1 = 5  # type: ignore[misc]
+
+
+# -- int8 versions: the same student at another precision --------------------------------------------------
+
+
+def _q(i: int, top1: float, params: int, latency: float | None, excluded: str | None = None) -> Candidate:
+    """Student i's int8 version: same params, its own top-1 and measured latency."""
+    return Candidate(
+        f"s{i + 1}-int8",
+        i,
+        params,
+        size_pct=params / 10_000,
+        top1=top1,
+        latency_ms=latency,
+        precision="int8",
+        excluded=excluded,
+        latency_basis="served p50",
+    )
+
+
+def test_a_kept_int8_version_competes_like_any_student() -> None:
+    cands = [_c(0, 90.0, 100_000, 2.0), _q(0, 89.8, 100_000, 1.2), _c(1, 85.0, 50_000, 1.5)]
+    sel = select(cands, Policy(max_latency_ms=1.4))
+    verdict = _verdict(sel)
+    assert [(c.name, c.precision) for c in sel.chosen] == [("s1-int8", "int8")]
+    assert verdict["s1-int8"] == (True, "served p50 1.20 ms <= budget 1.40 ms")
+    assert verdict["s1"] == (False, "latency 2.00 ms > budget 1.40 ms")
+    _check_partition(sel, cands)
+
+
+def test_an_excluded_int8_version_is_rejected_whatever_the_policy() -> None:
+    why = "int8 not shipped: drop 1.30 > 1.00 points of top-1"
+    cands = [_c(0, 90.0, 100_000, 2.0), _q(0, 88.7, 100_000, 1.0, excluded=why)]
+    assert _verdict(select(cands, Policy())) == {
+        "s1": (True, "no selection rule: every student is selected"),
+        "s1-int8": (False, why),
+    }
+    # Every other rule it fails is named too.
+    reason = _verdict(select(cands, Policy(min_top1=89)))["s1-int8"][1]
+    assert reason == f"{why}; top-1 88.70 % < floor 89.00 %"
+
+
+def test_best_only_prefers_a_faster_int8_version_tying_its_fp32() -> None:
+    cands = [_c(0, 90.0, 100_000, 2.0), _q(0, 90.0, 100_000, 1.0)]
+    sel = select(cands, Policy(best_only=True))
+    assert sel.names == ["s1-int8"]
+    assert _verdict(sel)["s1"][1].startswith("not the best: s1-int8 has 90.00 %")
+
+
+def test_the_students_rule_and_pareto_see_both_precisions() -> None:
+    cands = [_c(0, 90.0, 100_000, 2.0), _q(0, 89.5, 100_000, 1.0), _c(1, 80.0, 20_000, 1.0)]
+    sel = select(cands, Policy(students=[1]))
+    assert sel.names == ["s1", "s1-int8"]
+    # Same params, lower top-1: the int8 version is off the front of accuracy against size.
+    verdict = _verdict(select(cands, Policy(pareto=True)))
+    assert verdict["s1-int8"] == (
+        False,
+        "dominated by s1: 90.00 % at 100,000 params (vs 89.50 % at 100,000 params)",
+    )
+
+
+def test_one_candidate_per_student_and_precision() -> None:
+    twin = Candidate("other", 0, 100_000, 10.0, 90.0)
+    with pytest.raises(ConfigError, match="duplicate student index and precision"):
+        select([_c(0, 90.0, 100_000), twin], Policy())
+
+
+def test_int8_verdicts_round_trip_and_list_after_their_fp32() -> None:
+    cands = [_q(0, 89.0, 100_000, 1.0, excluded="int8 not shipped: not faster"), _c(0, 90.0, 100_000, 2.0)]
+    sel = select(cands, Policy())
+    d = json.loads(json.dumps(sel.to_dict()))
+    assert Selection.from_dict(d) == sel
+    rows = sel.markdown().strip().splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["s1", "s1-int8"]
+    assert "| s1-int8 | 100,000 | 10.00 | 89.00 | no | int8 not shipped: not faster |" in rows

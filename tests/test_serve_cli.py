@@ -98,4 +98,4 @@ def test_serve_rejects_a_folder_that_is_not_an_export(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["serve", "--model", str(tmp_path)]) == 2
-    assert "not an exported student folder" in capsys.readouterr().err
+    assert "neither an exported student folder" in capsys.readouterr().err

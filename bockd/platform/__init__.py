@@ -6,11 +6,14 @@ to them, so importing this package costs nothing.
 
 - `s3`: S3 through the minio client (data sources, checkpoints, staging), credentials from the environment;
 - `credentials`: the environment variables (the Kubernetes Secrets' keys) that carry them;
-- `tracking`: the MLflow callback of a training run; `model_registry`: registered versions, ``@champion``;
+- `tracking`: the MLflow callback of a training run; `model_registry`: registered versions (students,
+  their int8 versions, the cascade), ``@champion``;
 - `kube`: the Kubernetes client, name and quantity checks, CRD validation;
 - `inference_service`: one KServe InferenceService per model, rolled out by canary, rolled back on failure;
 - `trainjob`: the Kubeflow Trainer TrainJob launcher (its worker is the pipeline's ``trainjob_worker``);
 - `services`: the embedded stack of one machine (SeaweedFS S3, MLflow) and local KServe model servers;
+- `serving_benchmark`: a student's latency and throughput measured through the real model server, and
+  whether one variant (int8) is measurably faster than another (fp32);
 - `polling`: the one poll-until loop every wait above uses.
 """
 
@@ -22,6 +25,7 @@ __all__ = [
     "polling",
     "s3",
     "services",
+    "serving_benchmark",
     "tracking",
     "trainjob",
 ]

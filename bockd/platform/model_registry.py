@@ -4,6 +4,15 @@ A version's artifact is the exported student folder as an MLflow ONNX-flavour mo
 plus an ``MLmodel`` file with the input/output signature, with ``model.safetensors`` and
 ``config.json`` beside them. Nothing is pickled. Registration is idempotent: a student already
 registered from the same MLflow run returns its existing version and creates nothing.
+
+An int8 student (``bockd.quantize``: ``"precision": "int8"`` in its config, no safetensors, its
+accuracy check in ``quantization.json``) is another version of the same registered model; every version
+carries the tag ``precision`` (``fp32`` or ``int8``), and idempotency is per run and precision.
+
+A confidence cascade folder (``bockd.cascade.build_cascade``: ``cascade.json`` and one sub-folder per
+student) is a registered model of its own, ``{prefix}-{dataset}-{arch}-cascade``, its version's files the
+folder as it is (the model server serves it; there is no single ONNX graph for an MLflow flavour),
+tagged ``kind=cascade``; idempotent per run like the students.
 """
 
 from __future__ import annotations
@@ -28,6 +37,11 @@ from bockd.errors import ConfigError
 from bockd.export_format import CONFIG_FILE, ONNX_FILE, read_student_config
 
 CHAMPION = "champion"
+PRECISION_TAG = "precision"
+KIND_TAG = "kind"
+CASCADE_KIND = "cascade"
+CASCADE_ARTIFACT_PATH = "cascade"
+_EXTRA_FILES = ("model.safetensors", CONFIG_FILE, "quantization.json")  # copied beside model.onnx if present
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,11 @@ def registered_model_name(prefix: str, dataset: str, arch: str, index: int) -> s
     """``{prefix}-{dataset}-{arch}-s{k}``, in the characters every registry backend accepts."""
     raw = f"{prefix}-{dataset}-{arch}-s{index + 1}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw)
+
+
+def cascade_model_name(prefix: str, dataset: str, arch: str) -> str:
+    """``{prefix}-{dataset}-{arch}-cascade``, named like the students' (`registered_model_name`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{prefix}-{dataset}-{arch}-cascade")
 
 
 def student_signature(config: dict) -> ModelSignature:
@@ -61,16 +80,22 @@ def register_student(
     dataset: str,
     tags: dict[str, str] | None = None,
 ) -> RegisteredStudent:
-    """Log ``folder`` (an exported student) into ``run_id`` and register it as a new model version."""
+    """Log ``folder`` (an exported or int8 student) into ``run_id`` and register it as a new version of
+    its student's registered model, tagged with its precision (``config.json`` ``"precision"``, fp32 when
+    absent). A version of the same run and precision already there is returned instead."""
     folder = Path(folder)
     config = read_student_config(folder)
+    precision = str(config.get(PRECISION_TAG, "fp32"))
     name = registered_model_name(prefix, dataset, config["arch"], config["index"])
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        v = existing[0]
+    # Versions registered before int8 existed carry no precision tag: they are fp32.
+    same = [v for v in existing if (v.tags or {}).get(PRECISION_TAG, "fp32") == precision]
+    if same:
+        v = same[0]
         return RegisteredStudent(name, str(v.version), v.source, run_id, created=False)
 
-    artifact_path = f"students/{config['student'].lower()}"
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    artifact_path = f"students/{config['student'].lower()}{suffix}"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         # pip_requirements given: MLflow would otherwise infer them by importing the model, which is slow.
@@ -80,8 +105,9 @@ def register_student(
             signature=student_signature(config),
             pip_requirements=["onnxruntime"],
         )
-        for extra in ("model.safetensors", CONFIG_FILE):
-            shutil.copy2(folder / extra, model_dir / extra)
+        for extra in _EXTRA_FILES:
+            if (folder / extra).is_file():
+                shutil.copy2(folder / extra, model_dir / extra)
         client.log_artifacts(run_id, str(model_dir), artifact_path)
     try:
         client.create_registered_model(
@@ -95,6 +121,50 @@ def register_student(
         "params": str(config["params"]),
         "size_pct": str(config["size_pct"]),
         "student": config["student"],
+        PRECISION_TAG: precision,
+        **(tags or {}),
+    }
+    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
+    return RegisteredStudent(name, str(mv.version), source, run_id, created=True)
+
+
+def register_cascade(
+    client: MlflowClient,
+    run_id: str,
+    folder: str | Path,
+    *,
+    prefix: str,
+    dataset: str,
+    tags: dict[str, str] | None = None,
+) -> RegisteredStudent:
+    """Log the cascade folder ``folder`` into ``run_id`` (under ``cascade/``) and register it as a new
+    version of ``{prefix}-{dataset}-{arch}-cascade``, tagged ``kind=cascade``, its students (``S5,S3,S1``),
+    their precisions and its thresholds, plus ``tags``. A version of the same run already there is
+    returned instead. Raises CheckpointError when ``folder`` is not a readable cascade."""
+    from bockd.cascade import read_cascade
+
+    cascade = read_cascade(folder)
+    arch = read_student_config(cascade.stages[0].folder)["arch"]
+    name = cascade_model_name(prefix, dataset, arch)
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        v = existing[0]
+        return RegisteredStudent(name, str(v.version), v.source, run_id, created=False)
+
+    client.log_artifacts(run_id, str(folder), CASCADE_ARTIFACT_PATH)
+    try:
+        client.create_registered_model(
+            name, description=f"BOC-KD confidence cascade of {arch} students (bockd.cascade)"
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"runs:/{run_id}/{CASCADE_ARTIFACT_PATH}"
+    version_tags = {
+        KIND_TAG: CASCADE_KIND,
+        "students": ",".join(cascade.labels),
+        "precisions": ",".join(stage.precision for stage in cascade.stages),
+        "thresholds": ",".join(f"{t:.6g}" for t in cascade.thresholds),
         **(tags or {}),
     }
     mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags)

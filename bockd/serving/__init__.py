@@ -1,7 +1,8 @@
-"""KServe predictor for exported students: V1 and V2 REST, one student or an averaged ensemble.
+"""KServe predictor for exported students: V1 and V2 REST, one student, an averaged ensemble or a cascade.
 
 ``python -m bockd.serving --model_dir DIR`` runs a server (``server``: arguments and process; ``rest``: its
-HTTP layer; ``model``: the kserve Models; ``preprocess``: request formats and budgets);
+HTTP layer; ``model``: the kserve Models; ``cascade``: the confidence cascade's; ``preprocess``: request
+formats and budgets);
 ``predict_v1``/``predict_files`` are a minimal client. Running one in the background on 127.0.0.1 is the
 platform's job (``bockd.platform.services.model_servers``).
 
@@ -17,6 +18,7 @@ from typing import Any
 
 _EXPORTS = {
     "BACKENDS": "bockd.serving.model",
+    "CascadeModel": "bockd.serving.cascade",
     "EnsembleModel": "bockd.serving.model",
     "StudentModel": "bockd.serving.model",
     "build_model": "bockd.serving.model",

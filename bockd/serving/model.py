@@ -46,6 +46,8 @@ from bockd.serving.preprocess import (
 BACKENDS = ("torch", "onnx")
 DEFAULT_BACKEND = "onnx"  # what every install of the server can run: the serving image has no torch
 OUTPUTS = ("probabilities", "top_k_indices", "top_k_classes")
+# bockd.cascade.CASCADE_FILE, named here so that serving a student imports nothing of the cascade.
+CASCADE_FILE = "cascade.json"
 # Every student of an ensemble must agree on these, or averaging their logits means nothing.
 _SHARED_FIELDS = ("classes", "num_classes", "in_channels", "input_shape", "mean", "std")
 
@@ -378,8 +380,16 @@ def build_model(
     max_batch: int | None = None,
     top_k: int = 5,
     limits: RequestLimits | None = None,
-) -> StudentModel | EnsembleModel:
-    """One folder -> StudentModel, several -> EnsembleModel (not loaded yet)."""
+) -> ClassifierModel:
+    """One folder -> StudentModel (or CascadeModel when it holds ``cascade.json``), several ->
+    EnsembleModel (not loaded yet)."""
+    cascades = [str(d) for d in model_dirs if (Path(d) / CASCADE_FILE).is_file()]
+    if cascades:
+        if len(model_dirs) != 1:
+            raise ValueError(f"a cascade folder is served alone, not with other folders: {cascades[0]}")
+        from bockd.serving.cascade import CascadeModel  # builds on this module; loaded only for a cascade
+
+        return CascadeModel(name, model_dirs[0], backend, max_batch, top_k, limits)
     if len(model_dirs) == 1:
         return StudentModel(name, model_dirs[0], backend, max_batch, top_k, limits)
     return EnsembleModel(name, model_dirs, backend, max_batch, top_k, limits)

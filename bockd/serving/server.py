@@ -134,14 +134,16 @@ def limits_from(args: argparse.Namespace) -> RequestLimits:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bockd.serving",
-        description="Serve exported student(s) with KServe (V1, V2 REST); several --model_dir: an ensemble.",
+        description="Serve exported student(s) with KServe (V1, V2 REST); several --model_dir: an ensemble; "
+        "a cascade folder: a confidence cascade.",
         parents=[kserve.model_server.parser],  # --http_port, --model_name, ... like every kserve server
     )
     parser.add_argument(
         "--model_dir",
         action="append",
         required=True,
-        help="an exported student folder; repeat it to serve the average of several students' logits",
+        help="an exported student folder (repeat it to serve the average of several students' logits), "
+        "or one cascade folder (cascade.json: bockd.cascade)",
     )
     parser.add_argument(
         "--backend",
