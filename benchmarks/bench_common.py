@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
-
 import numpy as np
 
 from bockd.data import ImageDataset, ImageSplit
+from bockd.platform.serving_benchmark import cpu_model
 
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+__all__ = ["cpu_model", "run_dataset", "synthetic_dataset"]
 
 
 def synthetic_dataset(n: int, image_size: int = 32, channels: int = 3, num_classes: int = 10) -> ImageDataset:

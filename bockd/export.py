@@ -27,6 +27,7 @@ from bockd.export_format import (
     ONNX_FILE,
     STUDENT_FORMAT,
     WEIGHTS_FILE,
+    is_replaceable_student_folder,
     read_student_config,
     read_versioned_json,
 )
@@ -89,19 +90,6 @@ def _student_label(index: Any) -> str:
     return "no student" if index is None else repr(index)
 
 
-def _is_replaceable(folder: Path) -> bool:
-    """Only an empty folder or an earlier exported student may be deleted to make way for an export."""
-    if not folder.is_dir():
-        return False
-    if not any(folder.iterdir()):
-        return True
-    try:
-        read_student_config(folder)
-    except CheckpointError:
-        return False
-    return True
-
-
 def export_student(
     run_dir: str | Path, out_dir: str | Path, index: int | None = None, onnx: bool = True
 ) -> Path:
@@ -138,7 +126,7 @@ def export_student(
     out_dir = Path(out_dir)
     # The old folder is deleted whole before the new one moves in: never let that be the run itself,
     # a folder holding it, or any folder that is not an earlier export (``--out .`` must not wipe cwd).
-    if out_dir.exists() and not _is_replaceable(out_dir):
+    if out_dir.exists() and not is_replaceable_student_folder(out_dir):
         raise CheckpointError(
             f"out: {out_dir} exists and is not an exported student folder; refusing to replace it "
             "(choose a new or empty folder)"

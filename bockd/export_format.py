@@ -43,3 +43,18 @@ def read_versioned_json(path: Path, fmt: str, what: str) -> dict[str, Any]:
 def read_student_config(folder: str | Path) -> dict[str, Any]:
     """The config card of an exported student folder (format checked, fields not)."""
     return read_versioned_json(Path(folder) / CONFIG_FILE, STUDENT_FORMAT, "an exported student folder")
+
+
+def is_replaceable_student_folder(folder: Path) -> bool:
+    """Whether ``folder`` may be deleted to make way for a student folder being written (an export, an int8
+    version): only an empty folder or an earlier student folder, never anything else (``--out .`` must not
+    wipe the working directory)."""
+    if not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    try:
+        read_student_config(folder)
+    except CheckpointError:
+        return False
+    return True

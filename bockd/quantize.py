@@ -38,7 +38,13 @@ import numpy as np
 
 from bockd.atomic import atomic_dir, write_json
 from bockd.errors import CheckpointError, ConfigError, DataError
-from bockd.export_format import CONFIG_FILE, ONNX_FILE, read_json, read_student_config
+from bockd.export_format import (
+    CONFIG_FILE,
+    ONNX_FILE,
+    is_replaceable_student_folder,
+    read_json,
+    read_student_config,
+)
 from bockd.onnx_student import OnnxStudent, normalize_uint8
 
 __all__ = [
@@ -131,26 +137,13 @@ def _fp32_source(folder: Path, field: str) -> tuple[dict[str, Any], Path]:
     return config, onnx_path
 
 
-def _is_replaceable(folder: Path) -> bool:
-    """Only an empty folder or an earlier student folder may be deleted to make way (as ``export``)."""
-    if not folder.is_dir():
-        return False
-    if not any(folder.iterdir()):
-        return True
-    try:
-        read_student_config(folder)
-    except CheckpointError:
-        return False
-    return True
-
-
 def _check_out_dir(student_dir: Path, out_dir: Path) -> None:
     # atomic_dir deletes the old out_dir whole: never the source, a folder holding it, or a folder that is
     # not an earlier student (``--out .`` must not wipe the working directory).
     src, out = student_dir.resolve(), out_dir.resolve()
     if src == out or out in src.parents:
         raise CheckpointError(f"out_dir: {out_dir} is or holds the source student {student_dir}")
-    if out_dir.exists() and not _is_replaceable(out_dir):
+    if out_dir.exists() and not is_replaceable_student_folder(out_dir):
         raise CheckpointError(
             f"out_dir: {out_dir} exists and is not a student folder; refusing to replace it "
             "(choose a new or empty folder)"

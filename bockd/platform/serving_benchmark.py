@@ -48,6 +48,7 @@ __all__ = [
     "BatchTiming",
     "MachineInfo",
     "ServedMeasurement",
+    "cpu_model",
     "machine_info",
     "measurably_faster",
     "measure_interleaved",
@@ -111,7 +112,8 @@ class ServedMeasurement(_Frozen):
 # -- the machine --------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -141,7 +143,7 @@ def machine_info() -> MachineInfo:
     except (AttributeError, OSError):
         load = None
     return MachineInfo(
-        cpu=_cpu_model(),
+        cpu=cpu_model(),
         cores=os.cpu_count() or 1,
         usable_cores=usable,
         cpu_limit=cpu_limit(),
