@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from bockd.data import ImageDataset, ImageSplit
 from bockd.platform.serving_benchmark import cpu_model
 
-__all__ = ["cpu_model", "run_dataset", "synthetic_dataset"]
+__all__ = ["command_line", "cpu_model", "machine", "run_dataset", "synthetic_dataset", "write_report"]
 
 
 def synthetic_dataset(n: int, image_size: int = 32, channels: int = 3, num_classes: int = 10) -> ImageDataset:
@@ -39,3 +46,36 @@ def run_dataset(card: dict, data_path: str | None) -> ImageDataset:
             "is --data-path the run's dataset?"
         )
     return dataset
+
+
+def machine(load_start: float, **extra: Any) -> dict[str, Any]:
+    """What a report says about the machine: CPU model, cores, ``extra`` (e.g. threads) and the 1-minute
+    load average at the start (``load_start``) and now, so a busy machine shows in the figures' record."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        **extra,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+    }
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command that made a report (``argv`` as given to ``main``, else the process's own)."""
+    return f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def write_report(
+    out: Path,
+    stem: str,
+    report: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> None:
+    """``<out>/<stem>.json``, ``.md`` (``markdown(report)``) and ``.png`` (``plot``); prints the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = markdown(report)
+    (out / f"{stem}.md").write_text(md)
+    plot(report, out / f"{stem}.png")
+    print(md)

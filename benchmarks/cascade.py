@@ -28,7 +28,6 @@ Writes ``<out>/cascade.{json,md,png}``; the exported students and the cascade fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import cpu_model, run_dataset
+from bench_common import command_line, machine, run_dataset, write_report
 
 from bockd.cascade import build_cascade, evaluate_cascade, fit_thresholds
 from bockd.config import build_config
@@ -274,19 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             "exit_fractions": rows[-1]["answered_by"],
         },
         "rows": rows,
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "load_start": load_start,
-            "load_end": os.getloadavg()[0],
-        },
-        "command": "python benchmarks/cascade.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(load_start, threads=args.threads),
+        "command": command_line("benchmarks/cascade.py", argv),
     }
-    (args.out / "cascade.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "cascade.md").write_text(markdown(report))
-    plot(report, args.out / "cascade.png")
-    print(markdown(report))
+    write_report(args.out, "cascade", report, markdown, plot)
     return 0
 
 

@@ -19,14 +19,13 @@ the machine slows every number: the 1-minute load average is recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import cpu_model, run_dataset
+from bench_common import command_line, machine, run_dataset, write_report
 
 from bockd.export import export_student, read_run_card
 from bockd.platform.serving_benchmark import measurably_faster, measure_interleaved
@@ -175,18 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "rows": rows,
         "int8": verdicts,
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "load_start": load_start,
-            "load_end": os.getloadavg()[0],
-        },
-        "command": "python benchmarks/pareto.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(load_start),
+        "command": command_line("benchmarks/pareto.py", argv),
     }
-    (args.out / "pareto.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "pareto.md").write_text(markdown(report))
-    plot(report, args.out / "pareto.png")
-    print(markdown(report))
+    write_report(args.out, "pareto", report, markdown, plot)
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from bockd.errors import CheckpointError, DataError
 from bockd.export_format import ONNX_FILE, read_student_config
 
-__all__ = ["OnnxStudent", "normalize_uint8", "softmax", "topk_accuracy"]
+__all__ = ["OnnxStudent", "normalize_uint8", "onnx_session", "softmax", "topk_accuracy"]
 
 
 def normalize_uint8(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -43,6 +43,24 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
     return float(100.0 * (top == labels[:, None]).any(axis=1).mean())
 
 
+def onnx_session(folder: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU ``InferenceSession`` on ``folder``'s ``model.onnx`` with ``threads`` intra-op
+    threads (None or 0: ONNX Runtime's default). Raises `CheckpointError` when the file is missing or ONNX
+    Runtime cannot load it. onnxruntime is imported here, so importing this module stays cheap."""
+    import onnxruntime as ort
+
+    path = Path(folder) / ONNX_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {ONNX_FILE}; export the student with ONNX")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise CheckpointError(f"{path} cannot be loaded by ONNX Runtime: {err}") from err
+
+
 class OnnxStudent:
     """``folder``'s ``model.onnx`` (an exported or quantized student) with its ``config.json``.
 
@@ -51,22 +69,9 @@ class OnnxStudent:
     """
 
     def __init__(self, folder: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.folder = Path(folder)
         self.config: dict[str, Any] = read_student_config(self.folder)
-        path = self.folder / ONNX_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{self.folder}: no {ONNX_FILE}; export the student with ONNX")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise CheckpointError(f"{path} cannot be loaded by ONNX Runtime: {err}") from err
+        self.session = onnx_session(self.folder, threads)
 
     @property
     def input_hwc(self) -> tuple[int, int, int]:

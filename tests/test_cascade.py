@@ -30,7 +30,7 @@ import pytest
 from kserve.errors import InvalidInput
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
-from test_serving import bad_requests, in_process, v2_body, v2_outputs
+from serving_requests import bad_requests, in_process, v2_body, v2_outputs
 
 from bockd import cascade as core
 from bockd.cascade import (

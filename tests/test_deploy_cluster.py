@@ -1138,7 +1138,6 @@ def test_the_pipeline_deploy_step_in_cluster_mode(
 ) -> None:
     """`steps.deploy(mode="cluster")`: storageUri from the real MLflow registry (the files are really in S3),
     the InferenceService to the test double (no Kubernetes API server can run here)."""
-    from kubernetes.config import kube_config
     from mlflow import MlflowClient
 
     from bockd.export import export_student
@@ -1153,17 +1152,7 @@ def test_the_pipeline_deploy_step_in_cluster_mode(
     run_id = mlflow.create_run(mlflow.create_experiment("deploy-step")).info.run_id
     reg = register_student(mlflow, run_id, steps.student_dir(model_dir, 2), prefix="dep", dataset="digits")
 
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {"server": fake.host}}],
-        "users": [{"name": "me", "user": {"token": "t0ken"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "me"}}],
-        "current-context": "test",
-    }
-    (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "kubeconfig"))
+    _use_kubeconfig(fake, tmp_path, monkeypatch)
 
     registrations = [Registration(student=2, registered_model=reg.name, version=reg.version, created=True)]
     # Where to serve and the MLflow server are the step's own parameters, never deploy_options keys.

@@ -7,8 +7,6 @@ Reference outputs come straight from ``load_student`` on the same normalized inp
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import math
 import shutil
@@ -26,9 +24,18 @@ import torch
 from kserve.errors import InvalidInput
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from numerics import probability_tolerance, reduction_length
 from PIL import Image
+from serving_requests import (
+    b64,
+    bad_requests,
+    grey,
+    in_process,
+    png_bytes,
+    standard_json,
+    v2_body,
+    v2_outputs,
+)
 
 from bockd.data import ImageDataset
 from bockd.errors import CheckpointError
@@ -41,12 +48,10 @@ from bockd.platform.services.model_servers import (
     stop_local_server,
 )
 from bockd.serving import EnsembleModel, ServingError, StudentModel, predict_files, predict_v1
-from bockd.serving.preprocess import _MAX_B64_CHARS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 S1, S3 = 0, 2
-MAX_BATCH = 256
 # What the metadata says a request's one input may be (send exactly one of these; the name is not checked).
 INPUTS = [
     {"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]},
@@ -127,63 +132,6 @@ def tolerance(folders: list[Path], logits: np.ndarray) -> float:
     its own summation order): rounding at the logits' scale. In-process PyTorch does the reference's
     arithmetic exactly, so those answers keep atol=1e-6 on any CPU."""
     return probability_tolerance(logits, sum(reduction_length(load_student(f)) for f in folders))
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def v2_body(images: np.ndarray, kind: str) -> dict[str, Any]:
-    n = len(images)
-    if kind == "FP32":
-        x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        return {
-            "inputs": [
-                {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
-            ]
-        }
-    if kind == "UINT8":
-        return {
-            "inputs": [
-                {
-                    "name": "img",
-                    "shape": list(images.shape),
-                    "datatype": "UINT8",
-                    "data": images.ravel().tolist(),
-                }
-            ]
-        }
-    return {
-        "inputs": [
-            {"name": "png", "shape": [n], "datatype": "BYTES", "data": [b64(png_bytes(i)) for i in images]}
-        ]
-    }
-
-
-def in_process(model: Any, body: Any, v2: bool = False) -> Any:
-    """Through kserve's own DataPlane: decode -> infer (preprocess/predict/postprocess) -> encode."""
-    repo = ModelRepository()
-    repo.update(model)
-    plane = DataPlane(model_registry=repo)
-
-    async def go() -> Any:
-        raw = InferenceRequest.model_validate(body) if v2 else json.dumps(body).encode()
-        request, _ = plane.decode(raw, {}, protocol_version="v2" if v2 else "v1", model_name=model.name)
-        response, _ = await plane.infer(model.name, request, {})
-        encoded, _ = plane.encode(model.name, response, {}, {})
-        return encoded
-
-    return asyncio.run(go())
-
-
-def v2_outputs(response: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {out["name"]: out for out in response["outputs"]}
 
 
 def http(url: str, body: bytes | None = None) -> tuple[int, Any]:
@@ -304,102 +252,6 @@ def test_constructor_rejects_bad_settings(students) -> None:
 # -- bad requests --------------------------------------------------------------------------------------------
 
 
-def _grey(value: Any = 0, h: int = 8, w: int = 8) -> list:
-    return [[[value] for _ in range(w)] for _ in range(h)]
-
-
-def _bomb_png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", (5000, 5000)).save(buf, format="PNG")  # ~25 MPixel from a few KiB
-    return buf.getvalue()
-
-
-def _fp32(shape: list[int], data: list, **extra: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": data}], **extra}
-
-
-def standard_json(body: Any) -> bool:
-    """Whether ``body`` is JSON without the NaN / Infinity that Python's json writes and parsers refuse."""
-    try:
-        json.dumps(body, allow_nan=False)
-    except ValueError:
-        return False
-    return True
-
-
-def bad_requests(images: np.ndarray) -> list[tuple[str, Any, str]]:
-    """(protocol, body, fragment the error message must contain) for many kinds of malformed requests."""
-    good_png = png_bytes(images[0])
-    ones = [0.5] * 64
-    v1 = [
-        ({}, 'missing "instances"'),
-        ({"inputs": [_grey()]}, 'missing "instances"'),
-        ({"instances": []}, "empty batch"),
-        ({"instances": "x"}, '"instances" must be a list'),
-        ([1, 2, 3], "expected a JSON object"),
-        ({"instances": [[1, 2, 3]]}, "2-D or 3-D"),
-        ({"instances": [_grey(300)]}, "out of range 0..255"),
-        ({"instances": [_grey(-1)]}, "out of range 0..255"),
-        ({"instances": [_grey(1.5)]}, "out of range [0, 1]"),
-        ({"instances": [[[[1], [2]], [[3]]]]}, "rectangular"),
-        ({"instances": [_grey("a")]}, "must be numbers"),
-        ({"instances": [_grey(True)]}, "must be numbers"),
-        ({"instances": [None]}, "expected a nested list"),
-        ({"instances": [5]}, "expected a nested list"),
-        ({"instances": [[[[0, 0]] * 8] * 8]}, "C = 1 or 3"),
-        ({"instances": [[[[0.0] * 8] * 8] * 2]}, "C = 1 or 3"),
-        ({"instances": [{"b64": "!!not base64!!"}]}, "not valid base64"),
-        ({"instances": [{"b64": b64(b"hello, not an image")}]}, "cannot decode the image"),
-        ({"instances": [{"b64": b64(good_png[: len(good_png) // 2])}]}, "cannot decode the image"),
-        ({"instances": [{"b64": 5}]}, "must be a string"),
-        ({"instances": [{"b64": b64(good_png), "extra": 1}]}, '"b64"'),
-        ({"instances": [{"url": "http://x"}]}, '"b64"'),
-        ({"instances": [{"b64": b64(_bomb_png())}]}, "over the limit"),
-        ({"instances": [{"b64": "A" * (_MAX_B64_CHARS + 4)}]}, "over the limit"),
-        ({"instances": [_grey(0, 1, 0)]}, "empty image"),
-        ({"instances": [_grey()] * (MAX_BATCH + 1)}, "256 images per request (max_batch)"),
-    ]
-    v2 = [
-        ({"inputs": []}, "exactly one input tensor"),
-        ({"inputs": [_fp32([1, 1, 8, 8], ones)["inputs"][0]] * 2}, "exactly one input tensor"),
-        ({"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "INT32", "data": [0] * 64}]}, "INT32"),
-        (_fp32([1, 8, 8], ones), "shape must be [N, C, H, W]"),
-        (_fp32([1, 1, 8, 8], ones[:63]), "has 63 values but shape"),
-        (_fp32([1, 1, 8, 8], [2.0] * 64), "out of range [0, 1]"),
-        (_fp32([1, 1, 8, 8], [math.nan] * 64), "NaN"),
-        (_fp32([1, 1, 8, 8], [math.inf] * 64), "NaN or infinity"),
-        (_fp32([1, 1, 8, 8], ["a"] * 64), "must be numbers"),
-        (_fp32([0, 1, 8, 8], []), "empty batch"),
-        (_fp32([MAX_BATCH + 1, 1, 8, 8], [0.0] * 64), "256 images per request (max_batch)"),
-        (_fp32([-1, 1, 8, 8], ones), "non-negative ints"),
-        (_fp32([1, 2, 8, 8], ones * 2), "C = 1 or 3"),
-        (_fp32([1, 1, 8, 8], ones, outputs=[{"name": "logits"}]), "unknown output 'logits'"),
-        (
-            {"inputs": [{"name": "u", "shape": [1, 8, 8, 1], "datatype": "UINT8", "data": [256] * 64}]},
-            "0..255",
-        ),
-        ({"inputs": [{"name": "u", "shape": [1, 8, 8, 1], "datatype": "UINT8", "data": ones}]}, "integers"),
-        (
-            {"inputs": [{"name": "u", "shape": [1, 5000, 5000, 1], "datatype": "UINT8", "data": [0]}]},
-            "over the limit",
-        ),
-        ({"inputs": [{"name": "b", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]}, "not valid base64"),
-        (
-            {"inputs": [{"name": "b", "shape": [1], "datatype": "BYTES", "data": [b64(b"GIF89a")]}]},
-            "cannot decode",
-        ),
-        (
-            {"inputs": [{"name": "b", "shape": [2], "datatype": "BYTES", "data": [b64(good_png)]}]},
-            "BYTES elements",
-        ),
-        (
-            {"inputs": [{"name": "b", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]}]},
-            "BYTES shape",
-        ),
-    ]
-    return [("v1", body, frag) for body, frag in v1] + [("v2", body, frag) for body, frag in v2]
-
-
 def test_bad_requests_raise_invalid_input_in_process(models, images) -> None:
     for protocol, body, fragment in bad_requests(images):
         for model in (models["torch"], models["ensemble-onnx"]):
@@ -481,7 +333,7 @@ def test_http_hundred_bad_requests_each_4xx_then_good_ones_work(
     cases = bad_requests(images)
     extra = [
         ("v1", b"{not json", "Unrecognized request format"),
-        ("v1", json.dumps({"instances": [_grey(math.nan)]}).encode(), "Unrecognized request format"),
+        ("v1", json.dumps({"instances": [grey(math.nan)]}).encode(), "Unrecognized request format"),
         ("v2", b'{"id": "no inputs"}', 'needs "inputs"'),
         ("v2", b"{not json", "is not valid JSON"),
         (

@@ -30,6 +30,7 @@ SERVING_MODULES = {
     "bockd.errors",
     "bockd.export_format",
     "bockd.imaging",  # one 8-bit decoding rule for training data and requests
+    "bockd.onnx_student",  # one ONNX Runtime session setup and softmax (numpy + onnxruntime)
     "bockd.serving",
     "bockd.serving.__main__",
     "bockd.serving.model",

@@ -33,11 +33,9 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from kserve.model_repository import ModelRepository
-from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from numerics import probability_tolerance, reduction_length
 from PIL import Image
+from serving_requests import in_process
 
 from bockd.data import ImageDataset
 from bockd.export import export_student, load_student, read_student_config
@@ -179,21 +177,6 @@ def uint8_input(images: np.ndarray) -> dict[str, Any]:
 
 def probabilities_v1(body: bytes) -> np.ndarray:
     return np.asarray([p["probabilities"] for p in json.loads(body)["predictions"]])
-
-
-def in_process(model: Any, body: Any, v2: bool = False) -> Any:
-    """Through kserve's own DataPlane: decode -> infer -> encode (as tests/test_serving.py does)."""
-    repo = ModelRepository()
-    repo.update(model)
-    plane = DataPlane(model_registry=repo)
-
-    async def go() -> Any:
-        raw = InferenceRequest.model_validate(body) if v2 else json.dumps(body).encode()
-        req, _ = plane.decode(raw, {}, protocol_version="v2" if v2 else "v1", model_name=model.name)
-        response, _ = await plane.infer(model.name, req, {})
-        return plane.encode(model.name, response, {}, {})[0]
-
-    return asyncio.run(go())
 
 
 # -- in-process servers -------------------------------------------------------------------------------------

@@ -109,14 +109,6 @@ def register_student(
             if (folder / extra).is_file():
                 shutil.copy2(folder / extra, model_dir / extra)
         client.log_artifacts(run_id, str(model_dir), artifact_path)
-    try:
-        client.create_registered_model(
-            name, description=f"BOC-KD student {config['student']} of {config['arch']}"
-        )
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    source = f"runs:/{run_id}/{artifact_path}"
     version_tags = {
         "params": str(config["params"]),
         "size_pct": str(config["size_pct"]),
@@ -124,8 +116,8 @@ def register_student(
         PRECISION_TAG: precision,
         **(tags or {}),
     }
-    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
-    return RegisteredStudent(name, str(mv.version), source, run_id, created=True)
+    description = f"BOC-KD student {config['student']} of {config['arch']}"
+    return _new_version(client, name, description, run_id, artifact_path, version_tags)
 
 
 def register_cascade(
@@ -152,14 +144,6 @@ def register_cascade(
         return RegisteredStudent(name, str(v.version), v.source, run_id, created=False)
 
     client.log_artifacts(run_id, str(folder), CASCADE_ARTIFACT_PATH)
-    try:
-        client.create_registered_model(
-            name, description=f"BOC-KD confidence cascade of {arch} students (bockd.cascade)"
-        )
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    source = f"runs:/{run_id}/{CASCADE_ARTIFACT_PATH}"
     version_tags = {
         KIND_TAG: CASCADE_KIND,
         "students": ",".join(cascade.labels),
@@ -167,7 +151,27 @@ def register_cascade(
         "thresholds": ",".join(f"{t:.6g}" for t in cascade.thresholds),
         **(tags or {}),
     }
-    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
+    description = f"BOC-KD confidence cascade of {arch} students (bockd.cascade)"
+    return _new_version(client, name, description, run_id, CASCADE_ARTIFACT_PATH, version_tags)
+
+
+def _new_version(
+    client: MlflowClient,
+    name: str,
+    description: str,
+    run_id: str,
+    artifact_path: str,
+    tags: dict[str, str],
+) -> RegisteredStudent:
+    """A new version of registered model ``name`` (created with ``description`` if missing) whose source is
+    ``artifact_path`` of ``run_id``, already logged there."""
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it first: fine
+            raise
+    source = f"runs:/{run_id}/{artifact_path}"
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     return RegisteredStudent(name, str(mv.version), source, run_id, created=True)
 
 

@@ -25,13 +25,13 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferResponse, RequestedOutput
 
 from bockd.cascade import Cascade, read_cascade, run_cascade
+from bockd.onnx_student import softmax
 from bockd.serving.model import (
     DEFAULT_BACKEND,
     OUTPUTS,
     ClassifierModel,
     _Batch,
     _Result,
-    softmax,
 )
 from bockd.serving.preprocess import RequestLimits, short
 

@@ -34,6 +34,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse,
 
 from bockd.errors import CheckpointError, ConfigError
 from bockd.export_format import ONNX_FILE, read_student_config
+from bockd.onnx_student import onnx_session, softmax
 from bockd.serving.preprocess import (
     MAX_BATCH_LIMIT,
     InputSpec,
@@ -101,19 +102,7 @@ def intra_op_threads() -> int:
 
 class _OnnxRunner:
     def __init__(self, folder: Path) -> None:
-        import onnxruntime as ort  # only the onnx backend needs it
-
-        path = folder / ONNX_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: no {ONNX_FILE}; export it with ONNX for backend onnx")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads()
-        try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise CheckpointError(f"{path} cannot be loaded by ONNX Runtime: {err}") from err
+        self.session = onnx_session(folder, intra_op_threads())
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {"input": x})[0]
@@ -131,12 +120,6 @@ class _Batch:
 class _Result:
     probabilities: np.ndarray
     request: InferRequest | None
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _limits(limits: RequestLimits | None, max_batch: int | None) -> RequestLimits:
