@@ -102,7 +102,7 @@ def run_folder(out_dir: Path, seed: int, name: str, config: TrainConfig, runs_di
     return runs_dir / f"seed-{seed}" / f"{name}-{identity_digest(config)}"
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
+def mean_std(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -124,16 +124,16 @@ def summarize(
         label = row["student"].lower()
         entry: dict[str, Any] = {**row}
         ens = [results[s]["ensemble"].summary()["students"][label] for s in seeds]
-        entry["bockd_final"] = _mean_std([e["final_top1"] for e in ens])
-        entry["bockd_best"] = _mean_std([e["best_top1"] for e in ens])
+        entry["bockd_final"] = mean_std([e["final_top1"] for e in ens])
+        entry["bockd_best"] = mean_std([e["best_top1"] for e in ens])
         entry["bockd_best_epoch"] = [e["best_epoch"] for e in ens]
         base_key = f"baseline-{label}"
         if all(base_key in results[s] for s in seeds):
             base = [results[s][base_key].summary()["students"][label] for s in seeds]
-            entry["baseline_final"] = _mean_std([b["final_top1"] for b in base])
-            entry["baseline_best"] = _mean_std([b["best_top1"] for b in base])
+            entry["baseline_final"] = mean_std([b["final_top1"] for b in base])
+            entry["baseline_best"] = mean_std([b["best_top1"] for b in base])
             gains = [e["final_top1"] - b["final_top1"] for e, b in zip(ens, base, strict=True)]
-            entry["gain_points"] = _mean_std(gains)
+            entry["gain_points"] = mean_std(gains)
             entry["positive_seeds"] = sum(g > 0 for g in gains)
             baseline_mean = entry["baseline_final"]["mean"]
             if test_images:
@@ -152,8 +152,8 @@ def summarize(
         "noise_rule": NOISE_RULE,
         "students": students,
         "ensemble": {
-            "final": _mean_std([e["final_top1"] for e in ensemble]),
-            "best": _mean_std([e["best_top1"] for e in ensemble]),
+            "final": mean_std([e["final_top1"] for e in ensemble]),
+            "best": mean_std([e["best_top1"] for e in ensemble]),
         },
     }
 

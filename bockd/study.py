@@ -40,12 +40,13 @@ from bockd.reproduce import (
     Fit,
     fit_to_the_end,
     full_summary,
+    mean_std,
     reproduction_configs,
     run_folder,
     train_runs,
     write_results,
 )
-from bockd.significance import NOISE_RULE
+from bockd.significance import NOISE_RULE, gain_noise, reading
 
 log = logging.getLogger("bockd.study")
 
@@ -147,7 +148,63 @@ def comparison(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "ensemble_final": summary["ensemble"]["final"],
             }
         )
-    return {"noise_rule": NOISE_RULE, "recipes": rows}
+    table: dict[str, Any] = {"noise_rule": NOISE_RULE, "recipes": rows}
+    best = against_best_alone(summaries)
+    if best is not None:
+        table["against_best_alone"] = best
+    return table
+
+
+def against_best_alone(summaries: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Each recipe's students against the same student trained alone with the best schedule in the study.
+
+    A recipe's own gain compares it with baselines of its own schedule; a user who only wants S1 could
+    instead train S1 alone with whichever schedule does best. Per seed that every recipe has finished, each
+    recipe's final top-1 minus the highest final top-1 of that student's baselines over all recipes (paired
+    by seed), for students every recipe has a baseline of. Returns ``{"seeds", "recipes": [{"recipe",
+    "students": {label: {"gain_points", "positive_seeds", "best_baseline", "noise_points"?, "reading"?}}}]}``,
+    or None when the recipes share one set of baselines (nothing beyond `comparison`'s gains) or no seed is
+    common to all of them.
+    """
+    if len(summaries) < 2:
+        return None
+    common = sorted(set.intersection(*(set(s["seeds"]) for s in summaries.values())))
+
+    def per_seed(summary: dict[str, Any], stat: dict[str, Any]) -> list[float]:
+        by_seed = dict(zip(summary["seeds"], stat["values"], strict=True))
+        return [by_seed[seed] for seed in common]
+
+    baselines: dict[str, list[list[float]]] = {}  # label -> one list of per-seed top-1s per recipe
+    for summary in summaries.values():
+        for st in summary["students"]:
+            if "baseline_final" in st:
+                baselines.setdefault(st["student"], []).append(per_seed(summary, st["baseline_final"]))
+    labels = [label for label, runs in baselines.items() if len(runs) == len(summaries)]
+    if not common or not labels or all(all(r == runs[0] for r in runs) for runs in baselines.values()):
+        return None
+    best = {label: [max(col) for col in zip(*baselines[label], strict=True)] for label in labels}
+    test_images = next(iter(summaries.values())).get("test_images")
+    rows = []
+    for name, summary in summaries.items():
+        cells: dict[str, Any] = {}
+        for st in summary["students"]:
+            label = st["student"]
+            if label not in best:
+                continue
+            ours = per_seed(summary, st["bockd_final"])
+            diffs = [o - b for o, b in zip(ours, best[label], strict=True)]
+            cell: dict[str, Any] = {
+                "gain_points": mean_std(diffs),
+                "positive_seeds": sum(d > 0 for d in diffs),
+                "best_baseline": mean_std(best[label]),
+            }
+            if test_images:
+                base_mean, ours_mean = cell["best_baseline"]["mean"], mean_std(ours)["mean"]
+                cell["noise_points"] = gain_noise(base_mean, ours_mean, test_images)
+                cell["reading"] = reading(cell["gain_points"]["mean"], base_mean, ours_mean, test_images)
+            cells[label] = cell
+        rows.append({"recipe": name, "students": cells})
+    return {"seeds": common, "recipes": rows}
 
 
 def _gain_cell(cell: dict[str, Any], seeds: int) -> str:
@@ -177,22 +234,54 @@ def comparison_markdown(table: dict[str, Any], title: str) -> str:
         ens = row["ensemble_final"]
         ens_text = f"{ens['mean']:.2f}" + (f" ± {ens['std']:.2f}" if n > 1 else "")
         lines.append(f"| {row['recipe']} | {n} | " + " | ".join(cells) + f" | {ens_text} |")
+    best = table.get("against_best_alone")
+    if best:
+        labels = list(best["recipes"][0]["students"])
+        n = len(best["seeds"])
+        lines += [
+            "",
+            "Against the same student trained alone with the best schedule of the study (the highest "
+            f"baseline top-1 of any recipe, paired per seed; seeds {', '.join(map(str, best['seeds']))}): "
+            "what a user who wants one student gets from the family instead of training it alone.",
+            "",
+            "| recipe | " + " | ".join(labels) + " |",
+            "|---|" + "---:|" * len(labels),
+        ]
+        for row in best["recipes"]:
+            cells = [_gain_cell(row["students"][label], n) for label in labels]
+            lines.append(f"| {row['recipe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_comparison(table: dict[str, Any], path: Path, title: str) -> None:
-    """Grouped bars: each recipe's mean gain per student, std as error bars, the noise band in grey."""
+    """Grouped bars: each recipe's mean gain per student, std as error bars, the noise band in grey; beside
+    it, when the study has one (`against_best_alone`), the same against the best schedule's baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recipes = table["recipes"]
-    students = [s for s in recipes[0]["students"] if "gain_points" in recipes[0]["students"][s]]
+    panels = [(table["recipes"], "gain over own baseline (top-1 points)")]
+    if table.get("against_best_alone"):
+        panels.append(
+            (table["against_best_alone"]["recipes"], "against the best baseline of any schedule (points)")
+        )
+    first = table["recipes"][0]["students"]
+    students = [s for s in first if "gain_points" in first[s]]
     if not students:
         return
+    width = 1.6 + 1.3 * len(students)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.2), dpi=120, squeeze=False)
+    for ax, (recipes, ylabel) in zip(axes[0], panels, strict=True):
+        _gain_bars(ax, recipes, [s for s in students if s in recipes[0]["students"]], ylabel)
+    fig.suptitle(title + "\ngrey: test-set noise band", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def _gain_bars(ax: Any, recipes: list[dict[str, Any]], students: list[str], ylabel: str) -> None:
     width = 0.8 / len(recipes)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(students), 4.2), dpi=120)
     for k, s in enumerate(students):
         noise = max(r["students"][s].get("noise_points", 0.0) for r in recipes)
         ax.fill_between([k - 0.45, k + 0.45], -noise, noise, color="0.88", zorder=0)
@@ -210,13 +299,9 @@ def plot_comparison(table: dict[str, Any], path: Path, title: str) -> None:
         )
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(students)), students)
-    ax.set_ylabel("gain over own baseline (top-1 points)")
-    ax.set_title(title + "\ngrey: test-set noise band", fontsize=9)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
 
 
 def run_study(

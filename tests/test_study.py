@@ -12,7 +12,14 @@ import yaml
 import bockd.study
 from bockd.cli import main
 from bockd.errors import ConfigError
-from bockd.study import comparison, comparison_markdown, load_study, run_study, study_configs
+from bockd.study import (
+    against_best_alone,
+    comparison,
+    comparison_markdown,
+    load_study,
+    run_study,
+    study_configs,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -101,6 +108,7 @@ def test_a_tiny_study_trains_shared_baselines_once_and_compares_the_recipes(tmp_
     # The two recipes' S2 gains are paired with the very same baseline runs.
     paper, ce1 = (json.loads((out / r / "results.json").read_text())["students"][1] for r in ("paper", "ce1"))
     assert paper["baseline_final"] == ce1["baseline_final"]
+    assert "against_best_alone" not in table  # one schedule: the own-baseline gains already say it all
 
     saved = json.loads((out / "study.json").read_text())
     assert saved["recipes"] == json.loads(json.dumps(table["recipes"]))
@@ -139,6 +147,53 @@ def test_comparison_markdown_marks_gains_within_noise() -> None:
     assert "| recipe | seeds | S1 | ensemble top-1 |" in lines
     assert "| paper | 2 | +0.30 ± 0.50 (2/2) ≈ | 91.00 ± 0.25 |" in lines
     assert "| new | 2 | +1.30 ± 0.50 (2/2) | 91.00 ± 0.25 |" in lines
+
+
+def _with_baseline(seeds: list[int], ours: list[float], baseline: list[float]) -> dict:
+    def stat(values: list[float]) -> dict:
+        return {"mean": sum(values) / len(values), "std": 0.0, "values": values}
+
+    return {
+        "seeds": seeds,
+        "test_images": 10_000,
+        "students": [
+            {"student": "S1", "bockd_final": stat(ours), "baseline_final": stat(baseline)},
+            {"student": "S2", "bockd_final": stat(ours)},  # no baseline: not compared
+        ],
+        "ensemble": {"final": stat(ours)},
+    }
+
+
+def test_against_best_alone_takes_the_best_schedule_per_seed() -> None:
+    # Recipe "cos" has a stronger S1 baseline on seed 0, "step" on seed 1; seed 2 only "step" finished.
+    summaries = {
+        "step": _with_baseline([0, 1, 2], [70.0, 71.0, 99.0], [68.0, 70.5, 10.0]),
+        "cos": _with_baseline([0, 1], [72.0, 69.0], [71.0, 69.5]),
+    }
+    best = against_best_alone(summaries)
+    assert best is not None and best["seeds"] == [0, 1]  # seeds every recipe finished
+    step, cos = (row["students"]["S1"] for row in best["recipes"])
+    assert list(best["recipes"][0]["students"]) == ["S1"]
+    assert step["best_baseline"]["values"] == [71.0, 70.5]
+    assert step["gain_points"]["values"] == [-1.0, 0.5] and step["positive_seeds"] == 1
+    assert cos["gain_points"]["values"] == [1.0, -1.5] and cos["positive_seeds"] == 1
+    assert step["reading"] == "within noise" and step["noise_points"] > 1.0  # 10,000 images at ~70 %
+
+    md = comparison_markdown(comparison(summaries), "t").splitlines()
+    assert "| recipe | S1 |" in md
+    assert "| step | -0.25 ± 1.06 (1/2) ≈ |" in md
+
+
+def test_against_best_alone_is_left_out_when_the_recipes_share_baselines() -> None:
+    shared = {
+        "a": _with_baseline([0], [70.0], [68.0]),
+        "b": _with_baseline([0], [71.0], [68.0]),
+    }
+    assert against_best_alone(shared) is None
+    assert against_best_alone({"a": shared["a"]}) is None
+    disjoint = {"a": _with_baseline([0], [70.0], [68.0]), "b": _with_baseline([1], [71.0], [69.0])}
+    assert against_best_alone(disjoint) is None  # no seed in common: nothing paired
+    assert "against_best_alone" not in comparison(shared)
 
 
 def test_cli_study_reports_a_bad_file_without_a_traceback(tmp_path: Path, capsys) -> None:
