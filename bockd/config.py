@@ -100,8 +100,9 @@ class LossConfig(_Strict):
     temperature: float = Field(2.0, gt=0.0, le=100.0)
     kd_t_squared: bool = True
     # Who teaches student i by KD: "mean" = the mean of all N students' logits (the paper);
-    # "leave-one-out" = the mean of the other N - 1 students' logits (student i is not its own teacher).
-    teacher: Literal["mean", "leave-one-out"] = "mean"
+    # "leave-one-out" = the mean of the other N - 1 students' logits (student i is not its own teacher);
+    # "wider" = the mean of the students wider than student i (S1 has none: no KD term).
+    teacher: Literal["mean", "leave-one-out", "wider"] = "mean"
     # Ramp the hint and KD weights up from ~0 over the first part of training with the sigmoid-shaped
     # exp(-5 (1 - t)^2) (Laine & Aila 2017; ONE, Lan et al. 2018, ramps its KL cost over 80 of 300 epochs),
     # so the students are not pulled towards an untrained teacher. A fraction of training in (0, 1) or a

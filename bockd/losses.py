@@ -41,7 +41,7 @@ class HintTerm(nn.Module):
         return torch.stack(per_student)
 
 
-TEACHERS = ("mean", "leave-one-out")
+TEACHERS = ("mean", "leave-one-out", "wider")
 
 
 def teacher_logits(stacked: Tensor, teacher: str = "mean") -> Tensor:
@@ -50,18 +50,28 @@ def teacher_logits(stacked: Tensor, teacher: str = "mean") -> Tensor:
     ``"mean"``: every student's teacher is the mean of all N students' logits (BOC-KD's ensemble).
     ``"leave-one-out"``: student i's teacher is the mean of the other N - 1 students' logits, so no
     student is pulled towards a target that holds its own prediction.
+    ``"wider"``: student i's teacher is the mean of the students wider than it (S1..S(i-1), students are
+    ordered widest first), so no student learns from narrower, weaker peers; S1 has none, and its row is
+    its own (detached) logits: `KDTerm` gives it no KD term at all.
     """
     n = stacked.shape[0]
-    total = stacked.detach().sum(0)
+    detached = stacked.detach()
+    total = detached.sum(0)
     if teacher == "mean":
         return (total / n).expand_as(stacked)
     if teacher == "leave-one-out":
-        return (total.unsqueeze(0) - stacked.detach()) / (n - 1)
+        return (total.unsqueeze(0) - detached) / (n - 1)
+    if teacher == "wider":
+        # Row i: the sum of rows 0..i-1 over i; row 0 keeps its own logits (no wider student).
+        counts = torch.arange(1, n, device=stacked.device, dtype=stacked.dtype).view(-1, 1, 1)
+        wider = detached.cumsum(0)[:-1] / counts
+        return torch.cat([detached[:1], wider])
     raise ValueError(f"teacher: expected one of {TEACHERS}, got {teacher!r}")
 
 
 class KDTerm(nn.Module):
-    """KL(teacher || student) at temperature T for every student, S1 included.
+    """KL(teacher || student) at temperature T for every student, S1 included (except with the
+    ``"wider"`` teacher, which leaves S1 none), shape [N].
 
     The teacher (``teacher_logits``) is detached. Both distributions are log-softmaxes and
     ``kl_div(..., log_target=True)`` compares them directly: ``softmax().log()`` would turn an
@@ -85,6 +95,8 @@ class KDTerm(nn.Module):
             F.kl_div(F.log_softmax(z / t, dim=-1), target, reduction="batchmean", log_target=True)
             for z, target in zip(stacked, teacher_log_p, strict=True)
         ]
+        if self.teacher == "wider":  # S1 has no wider teacher: an exact zero, not a KL of ~1e-8 to itself
+            terms[0] = stacked.new_zeros(())
         return torch.stack(terms) * scale
 
 

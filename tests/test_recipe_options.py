@@ -115,6 +115,34 @@ def test_leave_one_out_kd_matches_its_definition_and_sends_no_gradient_to_the_te
     assert all(z.grad is None or not z.grad.any() for z in logits[1:])
 
 
+def test_wider_teacher_is_the_mean_of_the_wider_students() -> None:
+    torch.manual_seed(2)
+    stacked = torch.randn(4, 5, 10)
+    wider = teacher_logits(stacked, "wider")
+    assert wider.shape == stacked.shape
+    tol = rounding_tolerance(stacked.abs().sum(0).max().item(), terms=4)
+    assert torch.equal(wider[0], stacked[0])  # S1: no wider student (KDTerm gives it no term)
+    for i in range(1, 4):
+        assert (wider[i] - stacked[:i].mean(0)).abs().max().item() <= tol
+    assert torch.equal(wider[1], stacked[0])  # S2 learns from S1 alone
+
+
+def test_wider_kd_leaves_s1_alone_and_moves_each_student_only() -> None:
+    torch.manual_seed(3)
+    logits = [torch.randn(6, 10, requires_grad=True) for _ in range(3)]
+    kd = KDTerm(2.0, teacher="wider")(logits)
+    assert kd.shape == (3,) and kd[0].item() == 0.0 and (kd[1:] > 0).all()
+    kd.sum().backward()  # S1 is only ever a (detached) teacher: no gradient reaches it
+    assert logits[0].grad is None or not logits[0].grad.any()
+    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in logits[1:])
+    # In the full loss with a wider teacher, S1's KD is zero whatever the weight.
+    out = BOCKDLoss(1.0, 0.0, 1.0, 3.0, teacher="wider")(
+        [z.detach() for z in logits], torch.zeros(6, dtype=torch.long)
+    )
+    assert out.kd[0].item() == 0.0
+    assert build_config("smoke", {"loss": {"teacher": "wider"}}).loss.teacher == "wider"
+
+
 def test_unknown_teacher_is_refused_by_the_config() -> None:
     with pytest.raises(ConfigError, match=r"loss\.teacher"):
         build_config("smoke", {"loss": {"teacher": "best"}})
