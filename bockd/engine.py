@@ -137,6 +137,12 @@ def load_training_data(config: TrainConfig, source: str | Path | None = None) ->
     return dataset
 
 
+def run_finished(workdir: str | Path) -> bool:
+    """Whether ``workdir`` holds a finished run's outputs (weights, card, history, summary: written together
+    once the last epoch is done). Reading it back still goes through `Trainer`, which checks its identity."""
+    return all((Path(workdir) / name).is_file() for name in (WEIGHTS, MODEL_CONFIG, HISTORY, SUMMARY))
+
+
 class Trainer:
     """Trains ``config.mode`` ("ensemble" or "baseline") on ``dataset``, writing into ``workdir``."""
 
@@ -615,7 +621,7 @@ class Trainer:
         }
 
     def _outputs_written(self) -> bool:
-        return all((self.workdir / name).is_file() for name in (WEIGHTS, MODEL_CONFIG, HISTORY, SUMMARY))
+        return run_finished(self.workdir)
 
     def _write_outputs(self, result: TrainResult) -> None:
         write_safetensors(self.workdir / WEIGHTS, self.model.state_dict(), metadata={"format": "pt"})

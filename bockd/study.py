@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bockd.checkpoint import atomic_write, write_json
 from bockd.config import TrainConfig, format_validation_errors, merge_overrides
-from bockd.engine import TrainResult, load_training_data
+from bockd.engine import TrainResult, load_training_data, run_finished
 from bockd.errors import ConfigError
 from bockd.reproduce import (
     Fit,
@@ -340,22 +340,34 @@ def run_study(
         return table
 
     results: dict[str, dict[int, dict[str, TrainResult]]] = {name: {} for name in plans}
+
+    def folder(s: int, run: str, cfg: TrainConfig) -> Path:
+        path = run_folder(out_dir, s, run, cfg, runs_dir)
+        done.add(path)
+        return path
+
+    def fit_recipe_seed(name: str, seed: int) -> None:
+        plan = plans[name]
+        one_seed = train_runs({seed: plan[seed]}, data, folder, progress=(len(done), total), fit=fit)
+        if seed not in one_seed:
+            return
+        results[name][seed] = one_seed[seed]
+        summary = full_summary(results[name], data, plan, spec.recipes[name]["preset"])
+        summaries[name] = summary
+        summaries.update({n: summaries.pop(n) for n in plans if n in summaries})  # the study file's order
+        write_results(out_dir / name, summary)
+        write_comparison()
+        log.info("study: recipe %s, seed %d done (%d/%d runs)", name, seed, len(done), total)
+
+    # What has finished enters the tables before anything trains: a study resumed with a recipe added
+    # never shows fewer seeds than it had, while the new recipe's first seed trains.
+    pending = []
     for seed in spec.seeds:
         for name, plan in plans.items():
-            preset = spec.recipes[name]["preset"]
-
-            def folder(s: int, run: str, cfg: TrainConfig) -> Path:
-                path = run_folder(out_dir, s, run, cfg, runs_dir)
-                done.add(path)
-                return path
-
-            before = len(done)
-            one_seed = train_runs({seed: plan[seed]}, data, folder, progress=(before, total), fit=fit)
-            if seed not in one_seed:
-                continue
-            results[name][seed] = one_seed[seed]
-            summaries[name] = full_summary(results[name], data, plan, preset)
-            write_results(out_dir / name, summaries[name])
-            write_comparison()
-            log.info("study: recipe %s, seed %d done (%d/%d runs)", name, seed, len(done), total)
+            if all(run_finished(run_folder(out_dir, seed, r, c, runs_dir)) for r, c in plan[seed].items()):
+                fit_recipe_seed(name, seed)
+            else:
+                pending.append((name, seed))
+    for name, seed in pending:
+        fit_recipe_seed(name, seed)
     return {**write_comparison(), "title": title, "summaries": summaries}

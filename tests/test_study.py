@@ -223,6 +223,39 @@ def test_a_seed_whose_runs_did_not_all_finish_waits_for_the_next_call(tmp_path: 
     assert {p: p.stat().st_mtime_ns for p in (out / "runs" / "seed-0").rglob("*") if p.is_file()} == done
 
 
+def test_a_recipe_added_later_never_hides_finished_seeds(tmp_path: Path) -> None:
+    """Resuming a finished two-seed study with a third recipe: the finished recipes' two seeds are in the
+    tables before the new recipe's first run trains (it would otherwise come first: seed 0 before seed 1)."""
+    from bockd.reproduce import fit_to_the_end
+
+    out = tmp_path / "out"
+    run_study(load_study(_write(tmp_path, SPEC)), out)
+    kd1 = {"preset": "smoke-paper", "loss": {"kd_weight": 1}}
+    grown = {**SPEC, "recipes": {**SPEC["recipes"], "kd1": kd1}}
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted_on_new_runs(config, data, folder):
+        if not (folder / "summary.json").is_file():
+            seen = json.loads((out / "study.json").read_text())
+            shown = [(r["recipe"], r["seeds"]) for r in seen["recipes"]]
+            assert shown == [("paper", [0, 1]), ("ce1", [0, 1])]
+            raise Interrupted
+        return fit_to_the_end(config, data, folder)
+
+    with pytest.raises(Interrupted):
+        run_study(load_study(_write(tmp_path, grown)), out, fit=interrupted_on_new_runs)
+    for recipe in ("paper", "ce1"):
+        assert json.loads((out / recipe / "results.json").read_text())["seeds"] == [0, 1]
+    table = run_study(load_study(_write(tmp_path, grown)), out)
+    assert [(r["recipe"], r["seeds"]) for r in table["recipes"]] == [
+        ("paper", [0, 1]),
+        ("ce1", [0, 1]),
+        ("kd1", [0, 1]),
+    ]
+
+
 def test_nothing_finished_writes_no_table(tmp_path: Path) -> None:
     out = tmp_path / "out"
     table = run_study(load_study(_write(tmp_path, SPEC)), out, fit=lambda config, data, folder: None)
