@@ -103,6 +103,7 @@ def run_folder(out_dir: Path, seed: int, name: str, config: TrainConfig, runs_di
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
+    """``{"mean", "std" (sample; 0 for one value), "values"}`` of per-seed figures."""
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,

@@ -329,11 +329,14 @@ def run_study(
     summaries: dict[str, dict[str, Any]] = {}
     title = f"{spec.arch} on {data.name}, {len(data.train):,} training images"
 
+    def in_study_order() -> dict[str, dict[str, Any]]:  # finished first, shown in the study file's order
+        return {name: summaries[name] for name in plans if name in summaries}
+
     def write_comparison() -> dict[str, Any]:
-        table = comparison(summaries)
+        table = comparison(in_study_order())
         if not summaries:  # nothing finished yet (a budget ran out): no table to write
             return table
-        write_json(out_dir / STUDY_JSON, {**table, "title": title, "summaries": summaries})
+        write_json(out_dir / STUDY_JSON, {**table, "title": title, "summaries": in_study_order()})
         md = comparison_markdown(table, title)
         atomic_write(out_dir / STUDY_MD, lambda tmp: tmp.write_text(md))
         plot_comparison(table, out_dir / STUDY_PNG, title)
@@ -352,10 +355,8 @@ def run_study(
         if seed not in one_seed:
             return
         results[name][seed] = one_seed[seed]
-        summary = full_summary(results[name], data, plan, spec.recipes[name]["preset"])
-        summaries[name] = summary
-        summaries.update({n: summaries.pop(n) for n in plans if n in summaries})  # the study file's order
-        write_results(out_dir / name, summary)
+        summaries[name] = full_summary(results[name], data, plan, spec.recipes[name]["preset"])
+        write_results(out_dir / name, summaries[name])
         write_comparison()
         log.info("study: recipe %s, seed %d done (%d/%d runs)", name, seed, len(done), total)
 
@@ -370,4 +371,4 @@ def run_study(
                 pending.append((name, seed))
     for name, seed in pending:
         fit_recipe_seed(name, seed)
-    return {**write_comparison(), "title": title, "summaries": summaries}
+    return {**write_comparison(), "title": title, "summaries": in_study_order()}
