@@ -12,7 +12,10 @@ every recipe, settings common to all, and the recipes, each a preset plus overri
     common: {data: {train_subset: 10000}, runtime: {eval_every: 5}}
     recipes:
       paper: {preset: paper-cifar10}
-      ce1-rampup: {preset: paper-cifar10, loss: {ce_weight: 1.0, rampup: 0.3}}
+      ce1-rampup: {preset: paper-cifar10, loss: {ce_weight: 1.0, rampup: 0.3}, baselines: all}
+
+A recipe's own ``baselines`` replaces the study's for that recipe (e.g. every student's baseline for the
+candidate, S1 and S5 only for the reference); recipes with the same schedule still share their runs.
 
 Every run of every recipe is validated before anything trains. Runs go to ``<out>/runs`` under names
 that hold the digest of their training identity, so a baseline that several recipes share (same schedule
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from bockd.checkpoint import atomic_write, write_json
 from bockd.config import TrainConfig, format_validation_errors, merge_overrides
@@ -52,6 +55,10 @@ log = logging.getLogger("bockd.study")
 
 STUDY_JSON, STUDY_MD, STUDY_PNG = "study.json", "study.md", "study.png"
 
+Baselines = Literal["all"] | list[int]
+_BASELINES = TypeAdapter(Baselines)
+_NOT_CONFIG = ("preset", "baselines")  # a recipe's keys that are not TrainConfig overrides
+
 
 class StudySpec(BaseModel):
     """A study file, validated (unknown keys are errors)."""
@@ -64,7 +71,7 @@ class StudySpec(BaseModel):
     num_students: int = Field(5, ge=2, le=64)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     epochs: int | None = Field(None, ge=1)
-    baselines: Literal["all"] | list[int] = "all"
+    baselines: Baselines = "all"
     common: dict[str, Any] = Field(default_factory=dict)
     recipes: dict[str, dict[str, Any]] = Field(min_length=1)
 
@@ -79,11 +86,21 @@ class StudySpec(BaseModel):
                 )
             if not isinstance(recipe.get("preset"), str):
                 raise ValueError(f"recipe {name!r}: expected a 'preset' (e.g. paper-cifar10)")
+            if "baselines" in recipe:
+                try:
+                    _BASELINES.validate_python(recipe["baselines"], strict=True)
+                except ValidationError:
+                    raise ValueError(
+                        f'recipe {name!r}: baselines: expected "all" or a list of 1-based students, '
+                        f"got {recipe['baselines']!r}"
+                    ) from None
         return recipes
 
-    def baseline_indices(self) -> bool | list[int]:
-        """0-based students with a baseline (True = every student)."""
-        return True if self.baselines == "all" else [k - 1 for k in self.baselines]
+    def baseline_indices(self, recipe: str | None = None) -> bool | list[int]:
+        """0-based students with a baseline (True = every student): the recipe's own ``baselines`` if it
+        has one, else the study's."""
+        chosen = self.recipes[recipe].get("baselines", self.baselines) if recipe else self.baselines
+        return True if chosen == "all" else [k - 1 for k in chosen]
 
 
 def load_study(path: str | Path) -> StudySpec:
@@ -107,7 +124,7 @@ def study_configs(spec: StudySpec) -> dict[str, dict[int, dict[str, TrainConfig]
     """Every run's validated config: recipe -> seed -> run name -> config. ConfigError names the recipe."""
     plans: dict[str, dict[int, dict[str, TrainConfig]]] = {}
     for name, recipe in spec.recipes.items():
-        overrides = merge_overrides(spec.common, {k: v for k, v in recipe.items() if k != "preset"})
+        overrides = merge_overrides(spec.common, {k: v for k, v in recipe.items() if k not in _NOT_CONFIG})
         try:
             plans[name] = reproduction_configs(
                 spec.dataset,
@@ -118,7 +135,7 @@ def study_configs(spec: StudySpec) -> dict[str, dict[int, dict[str, TrainConfig]
                 num_students=spec.num_students,
                 data_path=spec.data_path,
                 overrides=overrides,
-                baselines=spec.baseline_indices(),
+                baselines=spec.baseline_indices(name),
             )
         except ConfigError as err:
             raise ConfigError(f"recipe {name!r}: {err}") from None
@@ -266,28 +283,36 @@ def plot_comparison(table: dict[str, Any], path: Path, title: str) -> None:
         panels.append(
             (table["against_best_alone"]["recipes"], "against the best baseline of any schedule (points)")
         )
-    first = table["recipes"][0]["students"]
-    students = [s for s in first if "gain_points" in first[s]]
+    students = gain_students(table["recipes"])
     if not students:
         return
     width = 1.6 + 1.3 * len(students)
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.2), dpi=120, squeeze=False)
     for ax, (recipes, ylabel) in zip(axes[0], panels, strict=True):
-        _gain_bars(ax, recipes, [s for s in students if s in recipes[0]["students"]], ylabel)
+        _gain_bars(ax, recipes, gain_students(recipes), ylabel)
     fig.suptitle(title + "\ngrey: test-set noise band", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
+def gain_students(recipes: list[dict[str, Any]]) -> list[str]:
+    """The students that have a gain in at least one recipe, in the table's order (recipes may have
+    baselines for different students)."""
+    order = [s for row in recipes for s in row["students"]]
+    has_gain = {s for row in recipes for s, cell in row["students"].items() if "gain_points" in cell}
+    return [s for s in dict.fromkeys(order) if s in has_gain]
+
+
 def _gain_bars(ax: Any, recipes: list[dict[str, Any]], students: list[str], ylabel: str) -> None:
     width = 0.8 / len(recipes)
     for k, s in enumerate(students):
-        noise = max(r["students"][s].get("noise_points", 0.0) for r in recipes)
+        noise = max(r["students"].get(s, {}).get("noise_points", 0.0) for r in recipes)
         ax.fill_between([k - 0.45, k + 0.45], -noise, noise, color="0.88", zorder=0)
+    nan = {"mean": float("nan"), "std": float("nan")}  # no baseline for this recipe: no bar
     for j, row in enumerate(recipes):
         xs = [k - 0.4 + width * (j + 0.5) for k in range(len(students))]
-        gains = [row["students"][s]["gain_points"] for s in students]
+        gains = [row["students"].get(s, {}).get("gain_points", nan) for s in students]
         ax.bar(
             xs,
             [g["mean"] for g in gains],

@@ -12,11 +12,14 @@ import yaml
 import bockd.study
 from bockd.cli import main
 from bockd.errors import ConfigError
+from bockd.reproduce import identity_digest
 from bockd.study import (
     against_best_alone,
     comparison,
     comparison_markdown,
+    gain_students,
     load_study,
+    plot_comparison,
     run_study,
     study_configs,
 )
@@ -55,6 +58,8 @@ def _write(tmp_path: Path, spec: dict) -> Path:
         ({"recipes": {}}, "recipes"),
         ({"seeds": []}, "seeds"),
         ({"baselines": "some"}, "baselines"),
+        ({"recipes": {"x": {"preset": "smoke", "baselines": "some"}}}, r"recipe 'x': baselines: expected"),
+        ({"recipes": {"x": {"preset": "smoke", "baselines": ["1"]}}}, r"recipe 'x': baselines: expected"),
     ],
 )
 def test_a_bad_study_file_names_the_field(tmp_path: Path, change: dict, message: str) -> None:
@@ -83,6 +88,27 @@ def test_recipes_must_share_the_data_settings(tmp_path: Path) -> None:
     recipes = {"a": {"preset": "smoke"}, "b": {"preset": "smoke", "data": {"train_subset": 500}}}
     with pytest.raises(ConfigError, match="same data settings"):
         study_configs(load_study(_write(tmp_path, {**SPEC, "recipes": recipes})))
+
+
+def test_a_recipe_may_ask_for_its_own_baselines_and_still_shares_runs(tmp_path: Path) -> None:
+    recipes = {**SPEC["recipes"], "ce1": {**SPEC["recipes"]["ce1"], "baselines": "all"}}
+    plans = study_configs(load_study(_write(tmp_path, {**SPEC, "recipes": recipes})))
+    assert sorted(plans["paper"][0]) == ["baseline-s2", "ensemble"]  # the study's [2]
+    assert sorted(plans["ce1"][0]) == ["baseline-s1", "baseline-s2", "ensemble"]  # its own "all"
+    # The key selects runs; it is not a training setting, so the shared baseline stays one run.
+    shared = [identity_digest(plans[r][1]["baseline-s2"]) for r in ("ce1", "paper")]
+    assert shared[0] == shared[1]
+
+
+def test_students_without_a_baseline_in_the_first_recipe_are_still_plotted(tmp_path: Path) -> None:
+    gain = {"mean": 2.0, "std": 0.0, "values": [2.0]}
+    only_s1, both = _with_baseline([0], [70.0], [68.0]), _with_baseline([0], [70.0], [68.0])
+    only_s1["students"][0]["gain_points"] = both["students"][0]["gain_points"] = gain
+    both["students"][1].update(baseline_final=both["students"][0]["baseline_final"], gain_points=gain)
+    table = comparison({"ref": only_s1, "new": both})
+    assert gain_students(table["recipes"]) == ["S1", "S2"]
+    plot_comparison(table, tmp_path / "study.png", "t")
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_study_file(tmp_path: Path) -> None:
