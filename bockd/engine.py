@@ -401,12 +401,23 @@ class Trainer:
                 raise error
         if state is None:
             return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        epoch = int(state["epoch"])
+        try:
+            self.model.load_state_dict(state["model"])
+            # A finished run only has its results read back: its optimizer state is not needed, so a
+            # checkpoint whose optimizer layout an older bockd wrote (e.g. before unused hint adapters left
+            # the optimizer) still counts as finished.
+            if epoch < self.config.epochs:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{path} does not fit this version's model or optimizer ({err}); it was written by another "
+                "bockd version: delete it to train this run from scratch, or finish it with that version"
+            ) from None
         set_rng_state(state["rng"])
         self.history = json.loads(state["history"])
-        self.start_epoch = int(state["epoch"])
+        self.start_epoch = epoch
         log.info("resumed from %s after epoch %d", path, self.start_epoch)
 
     # -- the loop -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bockd.checkpoint import load_checkpoint, save_checkpoint
 from bockd.config import build_config
 from bockd.data import load_dataset
 from bockd.engine import Trainer, load_training_data
@@ -115,6 +116,29 @@ def test_resume_refuses_a_checkpoint_from_another_config(few, tmp_path: Path) ->
     Trainer(_config(epochs=1), few, tmp_path).fit()
     with pytest.raises(CheckpointError, match="different config"):
         Trainer(_config(epochs=1, optim={"lr": 0.01}), few, tmp_path).fit()
+
+
+def _drop_one_parameter_from_the_optimizer_state(path: Path, epoch: int | None = None) -> None:
+    """What a checkpoint written by a version with another optimizer layout looks like (``epoch``: as if
+    it had been written after that epoch)."""
+    state = load_checkpoint(path)
+    state["optimizer"]["param_groups"][0]["params"].pop()
+    if epoch is not None:
+        state["epoch"] = epoch
+    save_checkpoint(path, state)
+
+
+def test_a_finished_run_reads_back_whatever_optimizer_layout_wrote_it(few, tmp_path: Path) -> None:
+    first = Trainer(_config(epochs=1), few, tmp_path).fit()
+    _drop_one_parameter_from_the_optimizer_state(tmp_path / "checkpoint.pt")
+    assert Trainer(_config(epochs=1), few, tmp_path).fit().history == first.history
+
+
+def test_an_unfinished_checkpoint_that_does_not_fit_is_refused_by_name(few, tmp_path: Path) -> None:
+    Trainer(_config(), few, tmp_path).fit()
+    _drop_one_parameter_from_the_optimizer_state(tmp_path / "checkpoint.pt", epoch=1)  # 1 of 2 epochs
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt does not fit .* delete it"):
+        Trainer(_config(), few, tmp_path).fit()
 
 
 def test_callbacks_see_every_epoch(few, tmp_path: Path) -> None:

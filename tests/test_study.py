@@ -11,6 +11,7 @@ import yaml
 
 import bockd.study
 from bockd.cli import main
+from bockd.config import LossConfig
 from bockd.errors import ConfigError
 from bockd.reproduce import identity_digest
 from bockd.study import (
@@ -286,3 +287,16 @@ def test_nothing_finished_writes_no_table(tmp_path: Path) -> None:
     out = tmp_path / "out"
     table = run_study(load_study(_write(tmp_path, SPEC)), out, fit=lambda config, data, folder: None)
     assert table["recipes"] == [] and not (out / "study.md").exists()
+
+
+STUDIES = sorted((Path(__file__).parents[1] / "benchmarks" / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_committed_studies_are_valid_and_their_paper_recipe_is_the_papers(path: Path) -> None:
+    """A study names its recipes; when a preset's defaults move (the bockd recipe became the default of
+    `smoke`), a recipe built on it must not silently become another recipe under the same name."""
+    plans = study_configs(load_study(path))
+    paper = plans["paper"][load_study(path).seeds[0]]["ensemble"]
+    assert paper.loss == LossConfig()  # 0.7 CE + 0.15 hint + 0.15 KD at T = 2, mean teacher, no ramp
+    assert paper.optim.schedule == "step" and tuple(paper.optim.milestones) == (0.5, 0.75)
