@@ -52,7 +52,8 @@ def test_bockd_presets_are_the_paper_runs_with_the_measured_recipe() -> None:
             1.0,
             3.0,
         )
-        assert c.loss.teacher == "mean" and c.rampup_epochs() == pytest.approx(0.27 * c.epochs)
+        assert c.loss.teacher == "wider" and c.rampup_epochs() == pytest.approx(0.27 * c.epochs)
+        assert build_config(paper).loss.teacher == "mean"
         assert build_config(paper).optim.schedule == "step" and build_config(paper).loss.rampup == 0
 
 
