@@ -15,6 +15,7 @@ from conftest import NUM_STUDENTS, TINY
 
 from bockd.config import build_config
 from bockd.data import ImageDataset
+from bockd.engine import Trainer
 from bockd.errors import ConfigError
 from bockd.export import export_student, read_student_config
 from bockd.pipeline import steps
@@ -49,13 +50,26 @@ P50 = {
 }
 
 
+# The verdicts below need S1's int8 version within the 1-point limit: a property of the trained weights, so
+# this module pins the recipe it was written against (the mean-logit teacher) instead of following the
+# default recipe (one epoch of the "wider" teacher leaves S1's int8 1.1 points down on digits).
+PINNED = {**TINY, "loss": {"teacher": "mean"}}
+
+
 @pytest.fixture(scope="module")
-def flow(ensemble_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """prepare -> the session's ensemble exported with ONNX -> evaluate -> quantize (S3 made to fail)."""
+def pinned_run(digits: ImageDataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("int8-run") / "ensemble"
+    Trainer(build_config("smoke", PINNED), digits, workdir).fit()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def flow(pinned_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """prepare -> a 1-epoch ensemble exported with ONNX -> evaluate -> quantize (S3 made to fail)."""
     root = tmp_path_factory.mktemp("int8-steps")
-    steps.prepare_data(build_config("smoke", TINY).to_dict(), root / "data")
+    steps.prepare_data(build_config("smoke", PINNED).to_dict(), root / "data")
     model_dir = root / "model"
-    shutil.copytree(ensemble_run, model_dir)
+    shutil.copytree(pinned_run, model_dir)
     students = range(1, NUM_STUDENTS + 1)
     for k in students:
         export_student(model_dir, steps.student_dir(model_dir, k), index=k - 1)
