@@ -96,10 +96,10 @@ class StudySpec(BaseModel):
                     ) from None
         return recipes
 
-    def baseline_indices(self, recipe: str | None = None) -> bool | list[int]:
+    def baseline_indices(self, recipe: str) -> bool | list[int]:
         """0-based students with a baseline (True = every student): the recipe's own ``baselines`` if it
         has one, else the study's."""
-        chosen = self.recipes[recipe].get("baselines", self.baselines) if recipe else self.baselines
+        chosen = self.recipes[recipe].get("baselines", self.baselines)
         return True if chosen == "all" else [k - 1 for k in chosen]
 
 
